@@ -1,0 +1,65 @@
+"""The Multiple Choice Network: K experts (trained, not frozen) -> fusion -> global head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mcn.errors import ConfigError
+
+
+class MCN(nn.Module):
+    """`forward(x)` returns `(global_logits [B, C], expert_logits [K, B, C])`.
+
+    Each expert contributes its pooled features to the fusion and its own classifier's logits
+    (the "individual head") to the dual-path loss. The feature width is read off the experts.
+    """
+
+    def __init__(self, experts: list[nn.Module], fusion: nn.Module, num_classes: int):
+        super().__init__()
+        widths = {e.num_features for e in experts}
+        if len(widths) != 1:
+            raise ConfigError(f"experts disagree on their feature width ({sorted(widths)}); use one expert preset for all")
+        self.experts = nn.ModuleList(experts)
+        self.fusion = fusion
+        self.num_features = widths.pop()
+        self.global_head = nn.Linear(self.num_features, num_classes)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = [expert.forward_features(x) for expert in self.experts]
+        expert_logits = torch.stack([expert.forward_head(f) for expert, f in zip(self.experts, features)])
+        global_logits = self.global_head(self.fusion(torch.stack(features, dim=1)))
+        return global_logits, expert_logits
+
+    def parameter_counts(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {
+            "experts": count(self.experts),
+            "fusion": count(self.fusion),
+            "global_head": count(self.global_head),
+            "total": count(self),
+        }
+
+    def configure_optimizers(self, name: str, base_lr: float, head_lr: float, weight_decay: float,
+                             momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
+                             fused: bool | None = None) -> torch.optim.Optimizer:
+        """The one place where "experts at base_lr, fusion + global head at head_lr" lives.
+
+        Weight decay goes to matrices and conv kernels only; biases and norm parameters are not decayed.
+        """
+        groups = []
+        for role, lr, modules in (("experts", base_lr, [self.experts]), ("head", head_lr, [self.fusion, self.global_head])):
+            params = [p for m in modules for p in m.parameters() if p.requires_grad]
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]
+            groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "role": role})
+            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "role": role})
+        extra = {} if fused is None else {"fused": fused}
+        if name == "adamw":
+            return torch.optim.AdamW(groups, betas=tuple(betas), **extra)
+        if name == "sgd":
+            return torch.optim.SGD(groups, momentum=momentum, nesterov=momentum > 0, **extra)
+        raise ConfigError(f"unknown optimiser {name!r}; known: adamw, sgd (set optim=adamw or optim=sgd)")

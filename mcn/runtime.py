@@ -1,0 +1,76 @@
+"""Device, precision and speed switches (`trainer.*`), resolved once per job.
+
+`auto` picks the fast path on a GPU (bf16 autocast, channels_last, torch.compile, fused optimiser,
+data resident on the device) and plain fp32 eager on CPU, where compile time dwarfs tiny models.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mcn.errors import ConfigError
+
+
+def _auto(value, default: bool) -> bool:
+    return default if value in (None, "auto") else bool(value)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    compile: bool
+    fused_optimizer: bool
+    data_on_device: bool
+
+    @classmethod
+    def from_config(cls, trainer) -> "Runtime":
+        want = trainer.device
+        if want in (None, "auto"):
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if str(want).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={want} but no CUDA device is visible; set trainer.device=cpu")
+        device = torch.device(want)
+        cuda = device.type == "cuda"
+        if trainer.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"trainer.precision={trainer.precision!r}; use auto, bf16 or fp32")
+        bf16 = trainer.precision == "bf16" or (trainer.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+        threads = trainer.get("num_threads") or os.environ.get("SLURM_CPUS_PER_TASK")
+        if threads and device.type == "cpu":
+            torch.set_num_threads(int(threads))
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = not trainer.get("deterministic", False)
+        return cls(device, bf16, _auto(trainer.channels_last, cuda), _auto(trainer.compile, cuda),
+                   _auto(trainer.get("fused_optimizer"), cuda), _auto(trainer.get("data_on_device"), True))
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move to the device (channels_last if asked); returns the module to call (compiled if asked)."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return torch.compile(model) if self.compile else model
+
+    def describe(self) -> str:
+        return (f"device={self.device} bf16={self.bf16} channels_last={self.channels_last} compile={self.compile} "
+                f"fused_optimizer={self.fused_optimizer} data_on_device={self.data_on_device} threads={torch.get_num_threads()}")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,31 @@
+"""Fusion training entrypoint: `python -m mcn.train [-m] fusion=... trainer.epochs=...`."""
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mcn.recipes.common import one_line_errors
+from mcn.recipes.fusion import FusionRecipe
+
+
+def run(cfg: DictConfig, output_dir: str) -> dict:
+    recipe = FusionRecipe(cfg, output_dir)
+    failed = True
+    try:
+        recipe.setup()
+        results = recipe.train()
+        failed = False
+        return results
+    finally:
+        recipe.cleanup(failed)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors():
+        run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

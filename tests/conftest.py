@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+# a fusion run small enough for a test: digits, tiny experts, a few epochs
+TINY = ["experiment=quickstart", "logger=none", "trainer.epochs=3", "trainer.save_every=2", "trainer.batch_size=64",
+        "trainer.progress_bar=false"]
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str] = (), config_name: str = "train") -> DictConfig:
+    paths = [f"paths.output_root={tmp_path / 'outputs'}", f"paths.data_dir={tmp_path / 'data'}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=[*TINY, *paths, *overrides])
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return lambda *overrides: compose_cfg(tmp_path, list(overrides))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, module: str = "mcn.train") -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
