@@ -50,7 +50,8 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, min_lr_r
 
 
 class HeadMetrics:
-    """Sums of loss and per-head correct counts, kept on the device until `compute()`."""
+    """Sums of loss and per-head correct counts, kept on the device until `compute()`.
+    Head "x" reports `x_accuracy`; a lone unnamed head ("") reports `accuracy`."""
 
     def __init__(self, head_names: list[str], device: torch.device, ensemble: bool):
         self.head_names, self.ensemble = head_names, ensemble
@@ -72,7 +73,7 @@ class HeadMetrics:
         correct = (self.correct / max(1, self.count)).tolist()  # the one host sync of the epoch
         names = self.head_names + (["ensemble", "oracle"] if self.ensemble else [])
         out = {"loss": round(self.loss.item() / max(1, self.count), 6)}
-        out.update({f"{name}_accuracy": round(acc, 6) for name, acc in zip(names, correct)})
+        out.update({f"{name}_accuracy" if name else "accuracy": round(acc, 6) for name, acc in zip(names, correct)})
         return out
 
 

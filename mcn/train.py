@@ -5,20 +5,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mcn.recipes.common import one_line_errors
+from mcn.recipes.common import one_line_errors, run_recipe
 from mcn.recipes.fusion import FusionRecipe
 
 
 def run(cfg: DictConfig, output_dir: str) -> dict:
-    recipe = FusionRecipe(cfg, output_dir)
-    failed = True
-    try:
-        recipe.setup()
-        results = recipe.train()
-        failed = False
-        return results
-    finally:
-        recipe.cleanup(failed)
+    return run_recipe(FusionRecipe(cfg, output_dir))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

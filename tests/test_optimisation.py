@@ -45,7 +45,7 @@ def test_parameter_groups_cover_every_parameter_once():
     grouped = [p for g in opt.param_groups for p in g["params"]]
     assert len(grouped) == len(set(map(id, grouped))) == len(list(mcn.parameters()))
     for g in opt.param_groups:
-        assert g["lr"] == (0.01 if g["role"] == "experts" else 0.1)
+        assert g["lr"] == (0.01 if g["role"] == "base_lr" else 0.1)
         assert g["weight_decay"] == (0.0 if all(p.dim() < 2 for p in g["params"]) else 5e-4)
     assert opt.param_groups[0]["nesterov"]
 

@@ -49,9 +49,10 @@ class MCN(nn.Module):
         """The one place where "experts at base_lr, fusion + global head at head_lr" lives.
 
         Weight decay goes to matrices and conv kernels only; biases and norm parameters are not decayed.
+        Each group's `role` names its rate (`base_lr` or `head_lr`), as in the reports.
         """
         groups = []
-        for role, lr, modules in (("experts", base_lr, [self.experts]), ("head", head_lr, [self.fusion, self.global_head])):
+        for role, lr, modules in (("base_lr", base_lr, [self.experts]), ("head_lr", head_lr, [self.fusion, self.global_head])):
             params = [p for m in modules for p in m.parameters() if p.requires_grad]
             decay = [p for p in params if p.dim() >= 2]
             no_decay = [p for p in params if p.dim() < 2]

@@ -15,7 +15,6 @@ once, at the end, with the weights of the best epoch read back from `best_comple
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,10 @@ from omegaconf import DictConfig
 
 from mcn.checkpoint import atomic_save, extract_state_dict, load_checkpoint, load_file, load_weights, make_checkpoint
 from mcn.data.prepare import PreparedData, make_batches, prepare_data
-from mcn.engine import CsvReport, cosine_schedule, evaluate, train_epoch, write_json
+from mcn.engine import CsvReport, cosine_schedule, evaluate, write_json
 from mcn.errors import CheckpointError, ConfigError
 from mcn.models import MCN, create_expert, create_fusion, list_fusions
-from mcn.recipes.common import RunLogger, log, progress, require_positive, resolved
+from mcn.recipes.common import EpochLoop, RunLogger, log, require_positive, resolved
 from mcn.runtime import Runtime, seed_everything
 
 
@@ -130,6 +129,7 @@ class FusionRecipe:
         k = len(experts)
         self.loss_weights = torch.tensor([1.0] + [float(cfg.trainer.alpha)] * k, device=self.runtime.device)
         self.head_names = ["global"] + [f"expert_{i}" for i in range(k)]
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.report = CsvReport(self.output_dir / f"fusion_{self.fusion_type}_report.csv",
                                 ["phase", "epoch", "loss", "global_accuracy"] + [f"expert_{i}_accuracy" for i in range(k)]
                                 + ["ensemble_accuracy", "oracle_accuracy", "base_lr", "head_lr", "elapsed_s"])
@@ -143,38 +143,15 @@ class FusionRecipe:
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
-        cfg, start = self.cfg, time.time()
-        epochs, patience = int(cfg.trainer.epochs), cfg.trainer.early_stopping_patience
-        best = {"epoch": 0, "val_accuracy": -1.0}
-        epoch = 0
-        for epoch in range(1, epochs + 1):
-            lrs = self.current_lrs()
-            batches = progress(self.train_batches, len(self.train_batches), f"epoch {epoch}/{epochs}", cfg.trainer.progress_bar)
-            train = train_epoch(self.forward, batches, self.loss_weights, self.head_names, self.optimizer,
-                                self.scheduler, self.runtime, cfg.optim.grad_clip)
-            val = evaluate(self.forward, self.val_batches, self.loss_weights, self.head_names, self.runtime)
-            elapsed = time.time() - start
-            for phase, metrics in (("train", train), ("val", val)):
-                self.report.add({"phase": phase, "epoch": epoch, **metrics, **lrs, "elapsed_s": round(elapsed, 2)})
-            self.logger.log({**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()}, **lrs}, epoch)
-            improved = val["global_accuracy"] > best["val_accuracy"]
-            if improved:
-                best = {"epoch": epoch, "val_accuracy": val["global_accuracy"]}
-                self.save_complete(self.output_dir / f"best_complete_fusion_{self.fusion_type}.pth", epoch, val)
-            log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f ens %.4f | best %.4f @%d | %.1fs",
-                     epoch, epochs, train["loss"], train["global_accuracy"], val["loss"], val["global_accuracy"],
-                     val["ensemble_accuracy"], best["val_accuracy"], best["epoch"], elapsed)
-            stop = patience is not None and epoch - best["epoch"] >= patience
-            if epoch % cfg.trainer.save_every == 0 or epoch == epochs or stop:
-                self.save_checkpoint(epoch, val)
-            if stop:
-                log.info("early stopping: no better validation accuracy for %d epochs", patience)
-                break
-        return self.finish(best, epoch, time.time() - start)
-
-    def current_lrs(self) -> dict[str, float]:
-        lr = {g["role"]: g["lr"] for g in self.optimizer.param_groups}
-        return {"base_lr": lr["experts"], "head_lr": lr["head"]}
+        cfg = self.cfg
+        loop = EpochLoop(self.forward, self.train_batches, self.val_batches, self.loss_weights, self.head_names,
+                         self.optimizer, self.scheduler, self.runtime, cfg.optim.grad_clip, self.report, self.logger,
+                         monitor="global_accuracy", progress_bar=cfg.trainer.progress_bar)
+        best_file = self.output_dir / f"best_complete_fusion_{self.fusion_type}.pth"
+        best, epochs_run, seconds = loop.run(
+            int(cfg.trainer.epochs), int(cfg.trainer.save_every), cfg.trainer.early_stopping_patience,
+            on_best=lambda epoch, val: self.save_complete(best_file, epoch, val), on_save=self.save_checkpoint)
+        return self.finish(best, epochs_run, seconds)
 
     # ------------------------------------------------------------------ save
     def architectures(self) -> dict:

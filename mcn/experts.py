@@ -1,0 +1,19 @@
+"""Expert pretraining entrypoint: `python -m mcn.experts [-m] expert.index=0,1,2,3` (one expert per job)."""
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mcn.recipes.common import one_line_errors, run_recipe
+from mcn.recipes.expert import ExpertRecipe
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors():
+        run_recipe(ExpertRecipe(cfg, HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
