@@ -48,7 +48,9 @@ def load_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        needs = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        # torch names the pickle GLOBAL it would have to import ("Unsupported global: GLOBAL posix.system", or
+        # "Trying to load unsupported GLOBAL posix.system ..." in newer releases)
+        needs = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
         if needs:  # an object the safe unpickler will not build: it could run code
             raise CheckpointError(f"refused to load {path}: it needs arbitrary unpickling, which could run code ({needs[0]})") from None
         raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint (bad pickle); delete or replace it") from None

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 COLUMNS = ["fusion_type", "status", "best_epoch", "val_accuracy", "test_accuracy", "ensemble_test_accuracy",
-           "oracle_test_accuracy", "expert_test_accuracy", "initial_expert_test_accuracy", "parameters",
-           "epochs_run", "wall_time_s", "folder"]
+           "oracle_test_accuracy", "expert_test_accuracy", "initial_expert_test_accuracy",
+           "initial_ensemble_test_accuracy", "pretrained_experts", "parameters", "epochs_run", "wall_time_s", "folder"]
 
 
 def _status(folder: Path) -> str:
@@ -39,6 +39,8 @@ def collect_runs(root: str | Path) -> list[dict]:
             "ensemble_test_accuracy": r["ensemble_test_accuracy"], "oracle_test_accuracy": r["oracle_test_accuracy"],
             "expert_test_accuracy": r["expert_test_accuracy"],
             "initial_expert_test_accuracy": r["initial_expert_test_accuracy"],
+            "initial_ensemble_test_accuracy": r["initial_ensemble_test_accuracy"],
+            "pretrained_experts": all(r["experts_from"]),
             "parameters": r["parameters"]["total"], "epochs_run": r["epochs_run"], "wall_time_s": r["wall_time_s"],
             "folder": str(folder),
         })

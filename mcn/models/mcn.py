@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from mcn.errors import ConfigError
+from mcn.models.fusion import create_fusion
+from mcn.models.wide_resnet import create_expert
 
 
 class MCN(nn.Module):
@@ -64,3 +66,26 @@ class MCN(nn.Module):
         if name == "sgd":
             return torch.optim.SGD(groups, momentum=momentum, nesterov=momentum > 0, **extra)
         raise ConfigError(f"unknown optimiser {name!r}; known: adamw, sgd (set optim=adamw or optim=sgd)")
+
+
+def build_expert(architecture: dict) -> nn.Module:
+    expert = create_expert(architecture["preset"], architecture["num_classes"], architecture["in_channels"])
+    wanted = {k: v for k, v in architecture.items() if k != "preset"}
+    if expert.architecture != wanted:
+        raise ConfigError(f"preset {architecture['preset']} is {expert.architecture}, the file describes {wanted}")
+    return expert
+
+
+def build_fusion(architecture: dict) -> nn.Module:
+    kwargs = {k: v for k, v in architecture.items() if k != "name"}
+    return create_fusion(architecture["name"], **kwargs)
+
+
+def build_global_head(architecture: dict) -> nn.Linear:
+    return nn.Linear(architecture["in_features"], architecture["num_classes"])
+
+
+def build_mcn(architecture: dict) -> MCN:
+    """The inverse of a complete checkpoint's `architecture`: {"experts": [...], "fusion": ..., "global_head": ...}."""
+    experts = [build_expert(a) for a in architecture["experts"]]
+    return MCN(experts, build_fusion(architecture["fusion"]), architecture["global_head"]["num_classes"])

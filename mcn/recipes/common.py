@@ -21,6 +21,13 @@ def require_positive(cfg: DictConfig, *keys: str) -> None:
             raise ConfigError(f"{key}={value!r} must be a positive number; e.g. {key}=10")
 
 
+def absolute_paths(cfg: DictConfig) -> DictConfig:
+    """Pin `paths.*` to absolute paths, so a saved config still finds the data and split from anywhere."""
+    for key in ("output_root", "data_dir", "split_dir", "experts_dir"):  # output_root first: the others interpolate it
+        cfg.paths[key] = str(Path(cfg.paths[key]).absolute())
+    return cfg
+
+
 def resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 

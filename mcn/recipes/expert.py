@@ -21,7 +21,7 @@ from mcn.data.prepare import make_batches, prepare_data
 from mcn.engine import CsvReport, cosine_schedule, evaluate, write_json
 from mcn.errors import ConfigError
 from mcn.models import create_expert
-from mcn.recipes.common import EpochLoop, RunLogger, log, require_positive, resolved
+from mcn.recipes.common import EpochLoop, RunLogger, absolute_paths, log, require_positive, resolved
 from mcn.runtime import Runtime, seed_everything
 
 
@@ -49,7 +49,7 @@ def randaugment(spec) -> object | None:
 
 class ExpertRecipe:
     def __init__(self, cfg: DictConfig, output_dir: str | Path):
-        self.cfg, self.output_dir = cfg, Path(output_dir)
+        self.cfg, self.output_dir = absolute_paths(cfg), Path(output_dir)
         self.index = cfg.expert.index
         self.experts_dir = Path(cfg.paths.experts_dir)
         self.best_name = cfg.experts.filename.format(index=self.index)

@@ -26,7 +26,7 @@ from mcn.data.prepare import PreparedData, make_batches, prepare_data
 from mcn.engine import CsvReport, cosine_schedule, evaluate, write_json
 from mcn.errors import CheckpointError, ConfigError
 from mcn.models import MCN, create_expert, create_fusion, list_fusions
-from mcn.recipes.common import EpochLoop, RunLogger, log, require_positive, resolved
+from mcn.recipes.common import EpochLoop, RunLogger, absolute_paths, log, require_positive, resolved
 from mcn.runtime import Runtime, seed_everything
 
 
@@ -47,10 +47,6 @@ def input_width_lrs(fusion_type: str, input_dim: int, base_lr: float, head_lr: f
 
 def expert_path(cfg: DictConfig, index: int) -> Path:
     return Path(cfg.experts.dir) / cfg.experts.filename.format(index=index)
-
-
-def expert_architecture(cfg: DictConfig, num_classes: int, in_channels: int) -> dict:
-    return {"preset": cfg.expert.preset, **create_expert(cfg.expert.preset, num_classes, in_channels).architecture}
 
 
 def load_pretrained_expert(expert: torch.nn.Module, path: Path, index: int, cfg: DictConfig, data: PreparedData) -> dict:
@@ -78,7 +74,7 @@ def load_pretrained_expert(expert: torch.nn.Module, path: Path, index: int, cfg:
 
 class FusionRecipe:
     def __init__(self, cfg: DictConfig, output_dir: str | Path):
-        self.cfg = cfg
+        self.cfg = absolute_paths(cfg)
         self.output_dir = Path(output_dir)
         self.fusion_type = cfg.fusion.name
 
@@ -183,7 +179,10 @@ class FusionRecipe:
     def finish(self, best: dict, epochs_run: int, train_time: float) -> dict:
         """Test once, with the best epoch's weights as saved on disk."""
         best_file = self.output_dir / f"best_complete_fusion_{self.fusion_type}.pth"
-        self.model.load_state_dict(load_checkpoint(best_file, component="complete")["state_dict"])
+        best_ckpt = load_checkpoint(best_file, component="complete")
+        self.model.load_state_dict(best_ckpt["state_dict"])
+        if not (self.output_dir / "global" / f"global_head_epoch_{best['epoch']}.pth").exists():
+            self.save_checkpoint(best["epoch"], best_ckpt["metrics"])  # the best epoch as components too
         test = evaluate(self.forward, self.test_batches, self.loss_weights, self.head_names, self.runtime)
         self.report.add({"phase": "test", "epoch": best["epoch"], **test, "elapsed_s": round(train_time, 2)})
         k = self.model.num_experts

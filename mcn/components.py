@@ -1,0 +1,262 @@
+"""Load, mix and evaluate the components a fusion run saved (the guide's `load_independent_components.py`).
+
+    python -m mcn.components --checkpoint_dir RUN --action list
+    python -m mcn.components --checkpoint_dir RUN --action reconstruct --fusion_type multiplicative [--num_experts 1]
+    python -m mcn.components --checkpoint_dir RUN --action load_complete --fusion_type TransformerBase [--epoch 20]
+
+From Python:
+
+    from mcn import components
+    rows = components.list_components(run_dir)
+    model, note = components.reconstruct(run_dir, "multiplicative", expert_epochs=[10, 20, 20, 20])
+    model = components.load_complete(run_dir, "multiplicative")
+    metrics = components.evaluate_model(model, run_dir, split="test")
+
+Every file is loaded without running code from it, and must be what its name says it is.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from mcn.checkpoint import load_checkpoint, load_weights
+from mcn.data.prepare import make_batches, prepare_data
+from mcn.engine import evaluate
+from mcn.errors import CheckpointError, MCNError
+from mcn.models import MCN, build_expert, build_fusion, build_global_head, build_mcn
+from mcn.runtime import Runtime
+
+# file name -> (component, fusion type, expert index, epoch) as the name claims them
+_NAMES = [
+    ("expert", re.compile(r"^experts/expert_(?P<index>\d+)_epoch_(?P<epoch>\d+)\.pth$")),
+    ("fusion", re.compile(r"^fusion/fusion_(?P<type>\w+?)_epoch_(?P<epoch>\d+)\.pth$")),
+    ("global_head", re.compile(r"^global/global_head_epoch_(?P<epoch>\d+)\.pth$")),
+    ("complete", re.compile(r"^complete_fusion_(?P<type>\w+?)_epoch_(?P<epoch>\d+)\.pth$")),
+    ("complete", re.compile(r"^best_complete_fusion_(?P<type>\w+)\.pth$")),
+]
+
+
+@dataclass
+class Component:
+    kind: str
+    path: Path
+    epoch: int
+    fusion_type: str | None
+    index: int | None
+    val_accuracy: float | None
+    size_mb: float
+    best: bool
+
+
+def load_component(path: Path, kind: str, epoch: int | None = None, fusion_type: str | None = None,
+                   index: int | None = None) -> dict:
+    """Load a component file and refuse it unless its contents are what it claims to be."""
+    ckpt = load_checkpoint(path, component=kind)
+    for field, claimed in (("epoch", epoch), ("fusion_type", fusion_type), ("index", index)):
+        if claimed is not None and ckpt.get(field) != claimed:
+            raise CheckpointError(f"{path} claims {field} {claimed} by its name but holds {field} {ckpt.get(field)}; it was renamed or mixed up")
+    return ckpt
+
+
+def list_components(checkpoint_dir: str | Path) -> list[Component]:
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    found = []
+    for path in sorted(root.rglob("*.pth")):
+        rel = path.relative_to(root).as_posix()
+        for kind, pattern in _NAMES:
+            match = pattern.match(rel)
+            if match:
+                claims = match.groupdict()
+                epoch = int(claims["epoch"]) if "epoch" in claims else None
+                index = int(claims["index"]) if "index" in claims else None
+                ckpt = load_component(path, kind, epoch=epoch, fusion_type=claims.get("type"), index=index)
+                metrics = ckpt.get("metrics", {})  # an expert's own head, else the global one, on validation
+                metric = metrics.get(f"expert_{index}_accuracy" if kind == "expert" else "global_accuracy")
+                found.append(Component(kind, path, ckpt["epoch"], ckpt.get("fusion_type"), ckpt.get("index"), metric,
+                                       path.stat().st_size / 2**20, rel.startswith("best_")))
+                break
+    if not found:
+        raise CheckpointError(f"no mcn component files under {root}; point --checkpoint_dir at a fusion run's folder")
+    order = {"expert": 0, "fusion": 1, "global_head": 2, "complete": 3}
+    return sorted(found, key=lambda c: (c.best, c.epoch, order[c.kind], c.index or 0))
+
+
+def fusion_types(checkpoint_dir: str | Path) -> list[str]:
+    return sorted({c.fusion_type for c in list_components(checkpoint_dir) if c.kind == "complete"})
+
+
+def _pick_type(checkpoint_dir: Path, fusion_type: str | None) -> str:
+    types = fusion_types(checkpoint_dir)
+    if fusion_type is None:
+        if len(types) != 1:
+            raise MCNError(f"{checkpoint_dir} holds fusion types {types}; choose one with --fusion_type")
+        return types[0]
+    if fusion_type not in types:
+        raise CheckpointError(f"no files for fusion type {fusion_type!r} in {checkpoint_dir}; it holds {types or 'none'}")
+    return fusion_type
+
+
+def best_epoch(checkpoint_dir: str | Path, fusion_type: str) -> int:
+    path = Path(checkpoint_dir) / f"best_complete_fusion_{fusion_type}.pth"
+    return load_component(path, "complete", fusion_type=fusion_type)["epoch"]
+
+
+def _file(checkpoint_dir: Path, rel: str, what: str, epoch: int) -> Path:
+    path = checkpoint_dir / rel
+    if not path.is_file():
+        saved = sorted({c.epoch for c in list_components(checkpoint_dir) if c.kind == what})
+        raise CheckpointError(f"no {what} saved at epoch {epoch} in {checkpoint_dir} ({path.name} missing); saved epochs: {saved}")
+    return path
+
+
+class ExpertEnsemble(nn.Module):
+    """Experts without fusion: the "global" output is their logit average (one expert: its own head)."""
+
+    def __init__(self, experts: list[nn.Module]):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x):
+        expert_logits = torch.stack([e(x) for e in self.experts])
+        return expert_logits.float().mean(0), expert_logits
+
+
+def reconstruct(checkpoint_dir: str | Path, fusion_type: str | None = None, num_experts: int | None = None,
+                epoch: int | None = None, expert_epochs: list[int] | None = None, fusion_epoch: int | None = None,
+                global_epoch: int | None = None, fusion_file: str | Path | None = None,
+                global_file: str | Path | None = None) -> tuple[nn.Module, str]:
+    """Build the MCN from separate component files. Every component comes from `epoch` (default: the best
+    epoch) unless another epoch or file is named for it. With `num_experts` below the number trained,
+    the first experts are evaluated alone (their logit average), since the fusion needs all of them."""
+    root = Path(checkpoint_dir)
+    fusion_type = _pick_type(root, fusion_type)
+    epoch = best_epoch(root, fusion_type) if epoch is None else epoch
+    trained = len({c.index for c in list_components(root) if c.kind == "expert"})
+    k = trained if num_experts is None else num_experts
+    if not 1 <= k <= trained:
+        raise MCNError(f"--num_experts {k}: the run has experts 0..{trained - 1}; choose 1..{trained}")
+    expert_epochs = list(expert_epochs) if expert_epochs else [epoch] * trained
+    if len(expert_epochs) != trained:
+        raise MCNError(f"--expert_epochs names {len(expert_epochs)} epochs for {trained} experts")
+    experts = []
+    for i in range(k):
+        path = _file(root, f"experts/expert_{i}_epoch_{expert_epochs[i]}.pth", "expert", expert_epochs[i])
+        ckpt = load_component(path, "expert", epoch=expert_epochs[i], index=i)
+        expert = build_expert(ckpt["architecture"])
+        load_weights(expert, ckpt["state_dict"], path, f"expert {i}")
+        experts.append(expert)
+    if k < trained:
+        what = "expert 0 alone with its own head" if k == 1 else f"experts 0..{k - 1} with their own heads (logit average)"
+        return ExpertEnsemble(experts).eval(), f"{what}, epoch {expert_epochs[:k]}; the fusion module needs all {trained} experts"
+
+    fusion_epoch = epoch if fusion_epoch is None else fusion_epoch
+    global_epoch = epoch if global_epoch is None else global_epoch
+    fusion_path = Path(fusion_file) if fusion_file else _file(root, f"fusion/fusion_{fusion_type}_epoch_{fusion_epoch}.pth", "fusion", fusion_epoch)
+    fusion_ckpt = load_component(fusion_path, "fusion", epoch=None if fusion_file else fusion_epoch,
+                                 fusion_type=None if fusion_file else fusion_type)
+    arch = fusion_ckpt["architecture"]
+    width = experts[0].num_features
+    if (arch["num_experts"], arch["input_dim"]) != (k, width):
+        raise CheckpointError(f"fusion module {fusion_path} takes {arch['num_experts']} experts of width {arch['input_dim']}; "
+                              f"these are {k} experts of width {width}")
+    fusion = build_fusion(arch)
+    load_weights(fusion, fusion_ckpt["state_dict"], fusion_path, f"{arch['name']} fusion module")
+    head_path = Path(global_file) if global_file else _file(root, f"global/global_head_epoch_{global_epoch}.pth", "global_head", global_epoch)
+    head_ckpt = load_component(head_path, "global_head", epoch=None if global_file else global_epoch)
+    classes = experts[0].classifier.out_features
+    if head_ckpt["architecture"] != {"in_features": width, "num_classes": classes}:
+        raise CheckpointError(f"global head {head_path} is {head_ckpt['architecture']}; these experts need "
+                              f"{{'in_features': {width}, 'num_classes': {classes}}}")
+    model = MCN(experts, fusion, classes)
+    load_weights(model.global_head, head_ckpt["state_dict"], head_path, "global head")
+    sources = {"experts": expert_epochs, "fusion": fusion_ckpt["epoch"], "global head": head_ckpt["epoch"]}
+    mixed = len(set(expert_epochs) | {fusion_ckpt["epoch"], head_ckpt["epoch"]}) > 1 or fusion_file or global_file
+    note = ", ".join(f"{name} epoch {value}" for name, value in sources.items())
+    if fusion_file or global_file:
+        note += f"; swapped in: {', '.join(str(p) for p in (fusion_file, global_file) if p)}"
+    return model.eval(), ("MIXED components (asked for explicitly): " if mixed else "one epoch: ") + note
+
+
+def load_complete(checkpoint_dir: str | Path, fusion_type: str | None = None, epoch: int | None = None) -> MCN:
+    root = Path(checkpoint_dir)
+    fusion_type = _pick_type(root, fusion_type)
+    rel = f"best_complete_fusion_{fusion_type}.pth" if epoch is None else f"complete_fusion_{fusion_type}_epoch_{epoch}.pth"
+    path = _file(root, rel, "complete", epoch)
+    ckpt = load_component(path, "complete", epoch=epoch, fusion_type=fusion_type)
+    model = build_mcn(ckpt["architecture"])
+    load_weights(model, ckpt["state_dict"], path, "complete model")
+    return model.eval()
+
+
+def evaluate_model(model: nn.Module, checkpoint_dir: str | Path, split: str = "test") -> dict[str, float]:
+    """Evaluate on the run's own data and split (read from the config saved in its files)."""
+    root = Path(checkpoint_dir)
+    ckpt = load_checkpoint(next(c.path for c in list_components(root) if c.kind == "complete"))
+    cfg = OmegaConf.create(ckpt["config"])
+    runtime = Runtime.from_config(cfg.trainer)
+    data = prepare_data(cfg)
+    images = {"test": data.test, "val": data.part("fusion_val_indices"), "train": data.part("fusion_train_indices")}
+    if split not in images:
+        raise MCNError(f"--split {split!r}: choose test, val or train")
+    forward = runtime.prepare(model)
+    k = len(model.experts)
+    return evaluate(forward, make_batches(images[split], data, cfg, runtime, False, 0), torch.ones(k + 1, device=runtime.device),
+                    ["global"] + [f"expert_{i}" for i in range(k)], runtime)
+
+
+def _epochs(text: str | None) -> list[int] | None:
+    return None if text is None else [int(v) for v in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mcn.components", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint_dir", required=True, help="a fusion run's output folder")
+    parser.add_argument("--action", required=True, choices=["list", "reconstruct", "load_complete"])
+    parser.add_argument("--fusion_type", help="needed when the folder holds several")
+    parser.add_argument("--num_experts", type=int, help="reconstruct: use experts 0..N-1 (1: expert 0 alone)")
+    parser.add_argument("--epoch", type=int, help="the epoch of every component (default: the best epoch)")
+    parser.add_argument("--expert_epochs", help="reconstruct: one epoch per expert, e.g. 10,20,20,20")
+    parser.add_argument("--fusion_epoch", type=int, help="reconstruct: the fusion module's epoch")
+    parser.add_argument("--global_epoch", type=int, help="reconstruct: the global head's epoch")
+    parser.add_argument("--fusion_file", help="reconstruct: a fusion module file from another run")
+    parser.add_argument("--global_file", help="reconstruct: a global head file from another run")
+    parser.add_argument("--split", default="test", choices=["test", "val", "train"], help="what to evaluate on")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "list":
+            rows = list_components(args.checkpoint_dir)
+            print(f"{'kind':<12} {'index':>5} {'fusion type':<24} {'epoch':>5} {'val acc':>8} {'MB':>8}  file")
+            for c in rows:
+                acc = "" if c.val_accuracy is None else f"{c.val_accuracy:.4f}"
+                print(f"{c.kind:<12} {'' if c.index is None else c.index:>5} {c.fusion_type or '':<24} {c.epoch:>5} "
+                      f"{acc:>8} {c.size_mb:>8.2f}  {c.path.relative_to(args.checkpoint_dir)}")
+            return 0
+        if args.action == "reconstruct":
+            model, note = reconstruct(args.checkpoint_dir, args.fusion_type, args.num_experts, args.epoch,
+                                      _epochs(args.expert_epochs), args.fusion_epoch, args.global_epoch,
+                                      args.fusion_file, args.global_file)
+            print(note)
+        else:
+            model = load_complete(args.checkpoint_dir, args.fusion_type, args.epoch)
+        metrics = evaluate_model(model, args.checkpoint_dir, args.split)
+        print(f"{args.split} accuracy: {metrics['global_accuracy']:.4f}")
+        print("  experts: " + " ".join(f"{metrics[f'expert_{i}_accuracy']:.4f}" for i in range(len(model.experts))))
+        if "ensemble_accuracy" in metrics:
+            print(f"  logit average: {metrics['ensemble_accuracy']:.4f}  oracle: {metrics['oracle_accuracy']:.4f}")
+        return 0
+    except MCNError as e:
+        print(f"mcn: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""From the `data` / `split` config to tensors, split indices and batch iterators."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from mcn.data.datasets import ImageSet, load_dataset
+from mcn.data.loader import TensorBatches
+from mcn.data.splits import Split, SplitSpec, prepare_split
+from mcn.runtime import Runtime
+
+
+@dataclass
+class PreparedData:
+    train: ImageSet  # the whole train set; the split says which indices each stage may use
+    test: ImageSet
+    split: Split
+    mean: list[float]
+    std: list[float]
+
+    def part(self, name: str) -> ImageSet:
+        return self.train.subset(self.split[name])
+
+
+def split_spec(cfg: DictConfig) -> SplitSpec:
+    s = cfg.split
+    return SplitSpec(dataset=cfg.data.name, num_experts=int(cfg.experts.num), scheme=s.scheme,
+                     holdout_fraction=s.holdout_fraction, fusion_val_fraction=s.fusion_val_fraction,
+                     expert_val_fraction=s.expert_val_fraction, shared_fraction=s.shared_fraction,
+                     unique_fraction=s.unique_fraction, alpha=s.alpha, seed=s.seed)
+
+
+def prepare_data(cfg: DictConfig) -> PreparedData:
+    train = load_dataset(cfg.data.name, cfg.paths.data_dir, train=True, download=cfg.data.download)
+    test = load_dataset(cfg.data.name, cfg.paths.data_dir, train=False, download=cfg.data.download)
+    split = prepare_split(cfg.paths.split_dir, train.labels.numpy(), train.num_classes, split_spec(cfg),
+                          force=cfg.split.force)
+    # normalisation statistics from the expert pool, the same for both stages
+    mean, std = train.subset(split["expert_train_indices"]).channel_stats()
+    return PreparedData(train, test, split, mean, std)
+
+
+def make_batches(images: ImageSet, data: PreparedData, cfg: DictConfig, runtime: Runtime, train: bool,
+                 seed: int, **augment) -> TensorBatches:
+    """`augment`: TensorBatches' optional extras (`erasing`, `uint8_transform`) for training batches."""
+    home = runtime.device if runtime.data_on_device else "cpu"
+    return TensorBatches(images.images.to(home), images.labels.to(home), int(cfg.trainer.batch_size),
+                         data.mean, data.std, train=train, crop_padding=int(cfg.data.crop_padding),
+                         flip=bool(cfg.data.flip), seed=seed, channels_last=runtime.channels_last,
+                         device=runtime.device, **augment)
+

@@ -1,0 +1,172 @@
+"""Components on their own (list / reconstruct / load_complete), safe loading, and the sweep report."""
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from mcn import components
+from mcn.checkpoint import load_file
+from mcn.errors import CheckpointError, MCNError
+from mcn.evaluate import main as evaluate_main
+from mcn.train import run
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two finished fusion runs side by side, as a sweep folder holds them."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    runs = {}
+    for job, (fusion, seed) in enumerate([("multiplicative", 42), ("multiplicative", 7), ("concatenation", 42)]):
+        folder = tmp / "sweep" / f"{job}_fusion={fusion}"
+        folder.mkdir(parents=True)
+        runs[job] = (folder, run(compose_cfg(tmp, [f"fusion={fusion}", f"seed={seed}", "trainer.epochs=4"]), str(folder)))
+    return tmp / "sweep", runs
+
+
+def test_list_finds_every_component_with_its_epoch(sweep):
+    _, runs = sweep
+    folder, results = runs[0]
+    found = components.list_components(folder)
+    saved_epochs = sorted({2, 4, results["best_epoch"]})
+    for kind, per_epoch in (("expert", 4), ("fusion", 1), ("global_head", 1), ("complete", 1)):
+        epochs = sorted(c.epoch for c in found if c.kind == kind and not c.best)
+        assert epochs == sorted(saved_epochs * per_epoch)
+    best = [c for c in found if c.best]
+    assert len(best) == 1 and best[0].epoch == results["best_epoch"] and best[0].val_accuracy == results["best_val_accuracy"]
+
+
+def test_cli_list_prints_a_table(sweep, capsys):
+    folder, _ = sweep[1][0]
+    assert components.main(["--checkpoint_dir", str(folder), "--action", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "global_head" in out and "experts/expert_3_epoch_4.pth" in out
+
+
+def test_reconstruct_at_best_epoch_equals_the_recorded_accuracy(sweep):
+    folder, results = sweep[1][0]
+    model, note = components.reconstruct(folder, "multiplicative")
+    assert note.startswith("one epoch:") and f"fusion epoch {results['best_epoch']}" in note
+    metrics = components.evaluate_model(model, folder)
+    assert metrics["global_accuracy"] == results["test_accuracy"]
+    assert [metrics[f"expert_{i}_accuracy"] for i in range(4)] == results["expert_test_accuracy"]
+
+
+def test_load_complete_equals_the_recorded_accuracy(sweep, capsys):
+    folder, results = sweep[1][0]
+    assert components.evaluate_model(components.load_complete(folder), folder)["global_accuracy"] == results["test_accuracy"]
+    assert components.main(["--checkpoint_dir", str(folder), "--action", "load_complete", "--fusion_type", "multiplicative"]) == 0
+    assert f"test accuracy: {results['test_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_one_expert_is_expert_zero_with_its_own_head(sweep):
+    folder, results = sweep[1][0]
+    model, note = components.reconstruct(folder, num_experts=1)
+    assert note.startswith("expert 0 alone")
+    assert components.evaluate_model(model, folder)["global_accuracy"] == results["expert_test_accuracy"][0]
+
+
+def test_mixed_epochs_only_when_asked_and_said(sweep):
+    folder, results = sweep[1][0]
+    model, note = components.reconstruct(folder, expert_epochs=[2, 4, 2, 4], fusion_epoch=2, global_epoch=4)
+    assert note.startswith("MIXED components") and "experts epoch [2, 4, 2, 4]" in note
+    assert 0 <= components.evaluate_model(model, folder)["global_accuracy"] <= 1
+
+
+def test_fusion_module_from_another_run_evaluates(sweep):
+    (folder, results), (other, other_results) = sweep[1][0], sweep[1][1]
+    swapped_file = other / "fusion" / f"fusion_multiplicative_epoch_{other_results['best_epoch']}.pth"
+    model, note = components.reconstruct(folder, fusion_file=swapped_file)
+    assert "swapped in" in note
+    swapped = components.evaluate_model(model, folder)["global_accuracy"]
+    assert 0 <= swapped <= 1
+    own = torch.load(folder / "fusion" / f"fusion_multiplicative_epoch_{results['best_epoch']}.pth", weights_only=True)
+    assert not all(torch.equal(v, model.fusion.state_dict()[k]) for k, v in own["state_dict"].items())
+
+
+def test_fusion_module_of_other_shapes_is_refused(sweep, tmp_path):
+    folder, results = sweep[1][0]
+    ckpt = torch.load(folder / "fusion" / "fusion_multiplicative_epoch_4.pth", weights_only=True)
+    ckpt["architecture"]["num_experts"] = 3
+    torch.save(ckpt, tmp_path / "three.pth")
+    with pytest.raises(CheckpointError, match="takes 3 experts of width 64; these are 4 experts of width 64"):
+        components.reconstruct(folder, fusion_file=tmp_path / "three.pth")
+
+
+def test_bad_requests(sweep, tmp_path):
+    sweep_dir, runs = sweep
+    folder = runs[0][0]
+    with pytest.raises(CheckpointError, match=r"no expert saved at epoch 3 .* saved epochs: \[2, "):
+        components.reconstruct(folder, epoch=3)
+    with pytest.raises(CheckpointError, match=r"no files for fusion type 'TransformerBase'.*\['multiplicative'\]"):
+        components.reconstruct(folder, "TransformerBase")
+    with pytest.raises(CheckpointError, match="no mcn component files under"):
+        components.list_components(tmp_path)
+    with pytest.raises(MCNError, match="--num_experts 5"):
+        components.reconstruct(folder, num_experts=5)
+
+
+def test_truncated_and_renamed_files_are_refused(sweep, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(sweep[1][0][0], folder)
+    shutil.copy(folder / "fusion" / "fusion_multiplicative_epoch_2.pth", folder / "fusion" / "fusion_multiplicative_epoch_4.pth")
+    with pytest.raises(CheckpointError, match="claims epoch 4 by its name but holds epoch 2"):
+        components.list_components(folder)
+    data = (folder / "global" / "global_head_epoch_2.pth").read_bytes()
+    (folder / "global" / "global_head_epoch_2.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read .*global_head_epoch_2.pth: truncated"):
+        components.load_component(folder / "global" / "global_head_epoch_2.pth", "global_head")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": "mcn-checkpoint-v1", "state_dict": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"refused to load .*evil.pth: it needs arbitrary unpickling.*system"):
+        load_file(tmp_path / "evil.pth")
+    assert not marker.exists()
+    (tmp_path / "experts").mkdir()
+    shutil.copy(tmp_path / "evil.pth", tmp_path / "experts" / "expert_0_epoch_1.pth")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        components.list_components(tmp_path)
+    assert not marker.exists()
+
+
+def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path):
+    sweep_dir, runs = sweep
+    running = sweep_dir / "3_fusion=TransformerBase"
+    failed = sweep_dir / "4_fusion=simpleAddition"
+    for folder, log in ((running, "[mcn][INFO] - epoch 1/4 ...\n"), (failed, "[mcn][ERROR] - error: out of memory\n")):
+        folder.mkdir(exist_ok=True)
+        (folder / f"fusion_{folder.name.split('=')[1]}_report.csv").write_text("phase,epoch,global_accuracy\nval,1,0.5\n")
+        (folder / "train.log").write_text(log)
+    out = tmp_path / "fusion_performance_summary.csv"
+    assert evaluate_main([str(sweep_dir), "--output_file", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["fusion_type"], r["status"]) for r in rows] == [
+        ("multiplicative", "done"), ("multiplicative", "done"), ("concatenation", "done"),
+        ("TransformerBase", "running"), ("simpleAddition", "failed")]
+    for row, (folder, results) in zip(rows, runs.values()):
+        saved = json.loads((folder / f"fusion_training_results_{results['fusion_type']}.json").read_text())
+        assert float(row["test_accuracy"]) == pytest.approx(saved["test_accuracy"], abs=5e-5)
+        assert int(row["best_epoch"]) == saved["best_epoch"] and int(row["parameters"]) == saved["parameters"]["total"]
+    assert "| concatenation | done |" in out.with_suffix(".md").read_text()
+    for png in ("fusion_performance_summary_val_accuracy.png", "fusion_performance_summary_test_accuracy.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.rmtree(running), shutil.rmtree(failed)
+
+
+def test_sweep_report_on_an_empty_folder(tmp_path, capsys):
+    assert evaluate_main([str(tmp_path)]) == 2
+    assert "no fusion runs under" in capsys.readouterr().err
