@@ -7,11 +7,14 @@ would need arbitrary unpickling is refused instead of executed.
 """
 from __future__ import annotations
 
+import ast
 import os
 import pickle
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,3 +102,26 @@ def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], path: s
                   f"shape of {shapes[0]} is {list(state_dict[shapes[0]].shape)} in the file, {list(own[shapes[0]].shape)} in the model")
         raise CheckpointError(f"{path} does not fit the configured {what}: {detail}; check the expert preset and data set")
     module.load_state_dict(state_dict)
+
+
+def rng_state(generators: list[torch.Generator]) -> dict:
+    """Every random stream a run draws from: torch (CPU and CUDA), numpy, Python, and the loop's own generators."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": repr(random.getstate()),  # a tuple of ints: kept as text, parsed back without eval
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def restore_rng(state: dict, generators: list[torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(ast.literal_eval(state["python"]))
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)

@@ -79,8 +79,9 @@ class HeadMetrics:
 
 def train_epoch(model: torch.nn.Module, batches: Iterable, loss_weights: torch.Tensor, head_names: list[str],
                 optimizer: torch.optim.Optimizer, scheduler, runtime: Runtime, grad_clip: float | None,
-                make_targets: Callable | None = None, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over `batches`; `make_targets(x, y) -> (x, targets)` may mix inputs (CutMix) or soften labels."""
+                make_targets: Callable | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """One pass over `batches`; `make_targets(x, y) -> (x, targets)` may mix inputs (CutMix) or soften labels;
+    `should_stop()` is asked after every step (a signal arrived) and ends the pass early."""
     model.train()
     metrics = HeadMetrics(head_names, runtime.device, ensemble=False)
     for x, y in batches:
@@ -97,8 +98,8 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, loss_weights: torch.T
         optimizer.step()
         scheduler.step()
         metrics.update(logits, y, loss)
-        if on_step is not None:
-            on_step()
+        if should_stop is not None and should_stop():
+            break
     return metrics.compute()
 
 

@@ -30,21 +30,25 @@ class Runtime:
     data_on_device: bool
 
     @classmethod
-    def from_config(cls, trainer) -> "Runtime":
+    def from_config(cls, trainer, cuda_available: bool | None = None, bf16_supported: bool | None = None) -> "Runtime":
+        """`cuda_available` / `bf16_supported` default to what torch sees (tests pass them to check the GPU defaults)."""
+        cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
         want = trainer.device
         if want in (None, "auto"):
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if str(want).startswith("cuda") and not torch.cuda.is_available():
+            want = "cuda" if cuda_available else "cpu"
+        if str(want).startswith("cuda") and not cuda_available:
             raise ConfigError(f"trainer.device={want} but no CUDA device is visible; set trainer.device=cpu")
         device = torch.device(want)
         cuda = device.type == "cuda"
         if trainer.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"trainer.precision={trainer.precision!r}; use auto, bf16 or fp32")
-        bf16 = trainer.precision == "bf16" or (trainer.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+        if bf16_supported is None:
+            bf16_supported = cuda and torch.cuda.is_bf16_supported()
+        bf16 = trainer.precision == "bf16" or (trainer.precision == "auto" and cuda and bf16_supported)
         threads = trainer.get("num_threads") or os.environ.get("SLURM_CPUS_PER_TASK")
         if threads and device.type == "cpu":
             torch.set_num_threads(int(threads))
-        if cuda:
+        if cuda and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = not trainer.get("deterministic", False)

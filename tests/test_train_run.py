@@ -23,9 +23,11 @@ def finished_run(tmp_path_factory):
     return cfg, out, run(cfg, str(out))
 
 
-def test_components_every_save_every_epochs_and_at_the_end(finished_run):
-    cfg, out, _ = finished_run
-    for epoch in (2, 3):
+def test_components_every_save_every_epochs_at_the_end_and_at_the_best(finished_run):
+    cfg, out, results = finished_run
+    saved = sorted({2, 3, results["best_epoch"]})
+    assert sorted(int(p.stem.split("_")[-1]) for p in (out / "global").glob("*.pth")) == saved
+    for epoch in saved:
         for i in range(4):
             ckpt = load_checkpoint(out / "experts" / f"expert_{i}_epoch_{epoch}.pth", component="expert")
             assert (ckpt["epoch"], ckpt["index"], ckpt["architecture"]["preset"]) == (epoch, i, "wrn10_1")
@@ -38,7 +40,6 @@ def test_components_every_save_every_epochs_and_at_the_end(finished_run):
         # the separate files are the same epoch's weights as the complete file
         for key, value in fusion["state_dict"].items():
             assert torch.equal(value, complete["state_dict"][f"fusion.{key}"])
-    assert not (out / "experts" / "expert_0_epoch_1.pth").exists()
 
 
 def test_experts_are_trained_during_fusion(finished_run):

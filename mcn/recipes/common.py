@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mcn.checkpoint import atomic_save, clean_state_dict, load_file, restore_rng, rng_state
+from mcn.engine import evaluate, train_epoch
 from mcn.errors import ConfigError, MCNError
 
 log = logging.getLogger("mcn")
@@ -85,53 +89,128 @@ def progress(iterable, total: int, desc: str, enabled):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two resolved configs."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a} -> {b}")
+    return changes
+
+
+# keys that may differ between a run and its resumption without changing what is computed
+RESUME_IGNORES = ("trainer.resume", "trainer.progress_bar", "logger.mode")
+
+
 class EpochLoop:
     """The epoch loop both recipes share: train, validate, report, keep the best (validation only),
     save every `save_every` epochs and at the end, stop early after `patience` epochs without progress.
 
     `on_best(epoch, val)` and `on_save(epoch, val)` write the recipe's files; `monitor` names the
     validation metric that decides "best".
+
+    Resume: after every epoch the whole training state (model, optimiser, scheduler, epoch, best so
+    far, every RNG stream incl. `generators`) goes atomically to `state_path`; a job that finds that
+    file continues after its epoch (`resume`: auto, force = even with a changed config, never).
+    SIGUSR2 (Slurm's pre-timeout signal) or SIGTERM stops the loop at the next step boundary; the
+    unfinished epoch is dropped (the state on disk is the last finished one), then USR2 goes on to
+    the handler that was there before (submitit's: requeue) and TERM ends the job.
     """
 
-    def __init__(self, forward, train_batches, val_batches, loss_weights, head_names: list[str], optimizer, scheduler,
-                 runtime, grad_clip, report, logger: RunLogger, monitor: str, progress_bar="auto", make_targets=None):
-        self.forward, self.train_batches, self.val_batches = forward, train_batches, val_batches
+    def __init__(self, model, forward, train_batches, val_batches, loss_weights, head_names: list[str], optimizer,
+                 scheduler, runtime, grad_clip, report, logger: RunLogger, monitor: str, state_path: Path, config: dict,
+                 generators: list, resume: str = "auto", progress_bar="auto", make_targets=None):
+        self.model, self.forward, self.train_batches, self.val_batches = model, forward, train_batches, val_batches
         self.loss_weights, self.head_names, self.optimizer, self.scheduler = loss_weights, head_names, optimizer, scheduler
         self.runtime, self.grad_clip, self.report, self.logger = runtime, grad_clip, report, logger
         self.monitor, self.progress_bar, self.make_targets = monitor, progress_bar, make_targets
+        self.state_path, self.config, self.generators, self.resume = Path(state_path), config, generators, resume
+        self.signal = None
 
     def learning_rates(self) -> dict[str, float]:
         return {g["role"]: g["lr"] for g in self.optimizer.param_groups}
 
+    def save_state(self, epoch: int, best: dict, elapsed: float) -> None:
+        atomic_save({"format": "mcn-train-state-v1", "epoch": epoch, "best": best, "elapsed_s": elapsed,
+                     "model": clean_state_dict(self.model.state_dict()), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.generators), "config": self.config},
+                    self.state_path)
+
+    def load_state(self) -> dict | None:
+        if self.resume == "never" or not self.state_path.exists():
+            return None
+        state = load_file(self.state_path)
+        changes = [c for c in config_changes(state["config"], self.config) if not c.startswith(RESUME_IGNORES)]
+        if changes and self.resume != "force":
+            raise ConfigError(f"{self.state_path} was written with another config ({'; '.join(changes)}); "
+                              f"set trainer.resume=force to continue with the new values, or trainer.resume=never to start over")
+        if changes:
+            log.warning("resuming with a changed config: %s", "; ".join(changes))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], self.generators)
+        log.info("resumed from %s after epoch %d (best %.4f @%d)", self.state_path, state["epoch"],
+                 state["best"]["val_accuracy"], state["best"]["epoch"])
+        return state
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning("caught %s: stopping at the next step; the state of epoch %s is on disk",
+                    signal.Signals(signum).name, self.last_saved)
+
     def run(self, epochs: int, save_every: int, patience: int | None, on_best, on_save) -> tuple[dict, int, float]:
         """Returns (best {"epoch", "val_accuracy"}, epochs run, seconds)."""
-        from mcn.engine import evaluate, train_epoch
-
-        start, best, epoch = time.time(), {"epoch": 0, "val_accuracy": -1.0}, 0
-        for epoch in range(1, epochs + 1):
-            lrs = self.learning_rates()
-            batches = progress(self.train_batches, len(self.train_batches), f"epoch {epoch}/{epochs}", self.progress_bar)
-            train = train_epoch(self.forward, batches, self.loss_weights, self.head_names, self.optimizer, self.scheduler,
-                                self.runtime, self.grad_clip, self.make_targets)
-            val = evaluate(self.forward, self.val_batches, self.loss_weights, self.head_names, self.runtime)
-            elapsed = time.time() - start
-            for phase, metrics in (("train", train), ("val", val)):
-                self.report.add({"phase": phase, "epoch": epoch, **metrics, **lrs, "elapsed_s": round(elapsed, 2)})
-            self.logger.log({**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()}, **lrs}, epoch)
-            if val[self.monitor] > best["val_accuracy"]:
-                best = {"epoch": epoch, "val_accuracy": val[self.monitor]}
-                on_best(epoch, val)
-            log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f%s | best %.4f @%d | %.1fs",
-                     epoch, epochs, train["loss"], train[self.monitor], val["loss"], val[self.monitor],
-                     f" ens {val['ensemble_accuracy']:.4f}" if "ensemble_accuracy" in val else "",
-                     best["val_accuracy"], best["epoch"], elapsed)
-            stop = patience is not None and epoch - best["epoch"] >= patience
-            if epoch % save_every == 0 or epoch == epochs or stop:
-                on_save(epoch, val)
-            if stop:
-                log.info("early stopping: no better validation accuracy for %d epochs", patience)
-                break
+        state = self.load_state()
+        first, best, before = (state["epoch"] + 1, state["best"], state["elapsed_s"]) if state else (1, {"epoch": 0, "val_accuracy": -1.0}, 0.0)
+        self.last_saved = first - 1
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR2, signal.SIGTERM)}
+        start, epoch = time.time() - before, first - 1
+        try:
+            for epoch in range(first, epochs + 1):
+                lrs = self.learning_rates()
+                batches = progress(self.train_batches, len(self.train_batches), f"epoch {epoch}/{epochs}", self.progress_bar)
+                train = train_epoch(self.forward, batches, self.loss_weights, self.head_names, self.optimizer, self.scheduler,
+                                    self.runtime, self.grad_clip, self.make_targets, should_stop=lambda: self.signal is not None)
+                if self.signal is not None:
+                    break
+                val = evaluate(self.forward, self.val_batches, self.loss_weights, self.head_names, self.runtime)
+                elapsed = time.time() - start
+                for phase, metrics in (("train", train), ("val", val)):
+                    self.report.add({"phase": phase, "epoch": epoch, **metrics, **lrs, "elapsed_s": round(elapsed, 2)})
+                self.logger.log({**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()}, **lrs}, epoch)
+                if val[self.monitor] > best["val_accuracy"]:
+                    best = {"epoch": epoch, "val_accuracy": val[self.monitor]}
+                    on_best(epoch, val)
+                log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f%s | best %.4f @%d | %.1fs",
+                         epoch, epochs, train["loss"], train[self.monitor], val["loss"], val[self.monitor],
+                         f" ens {val['ensemble_accuracy']:.4f}" if "ensemble_accuracy" in val else "",
+                         best["val_accuracy"], best["epoch"], elapsed)
+                stop = patience is not None and epoch - best["epoch"] >= patience
+                if epoch % save_every == 0 or epoch == epochs or stop:
+                    on_save(epoch, val)
+                self.save_state(epoch, best, elapsed)
+                self.last_saved = epoch
+                if stop:
+                    log.info("early stopping: no better validation accuracy for %d epochs", patience)
+                    break
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.signal is not None:
+            self.hand_over(previous.get(self.signal))
         return best, epoch, time.time() - start
+
+    def hand_over(self, handler) -> None:
+        """After a signal: let submitit requeue (its USR2 handler), else end the job; never finish the run."""
+        if self.signal == signal.SIGUSR2 and callable(handler):
+            handler(self.signal, None)  # submitit: checkpoint, `scontrol requeue`, exit
+        raise SystemExit(128 + self.signal)
 
 
 def run_recipe(recipe) -> dict:

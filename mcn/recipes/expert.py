@@ -77,9 +77,9 @@ class ExpertRecipe:
         self.optimizer = expert_optimizer(self.model, p, self.runtime.fused_optimizer)
         steps = len(self.train_batches)
         self.scheduler = cosine_schedule(self.optimizer, p.epochs * steps, p.min_lr_ratio, p.warmup_epochs * steps)
-        mix_rng = torch.Generator().manual_seed(cfg.seed + self.index)
+        self.mix_rng = torch.Generator().manual_seed(cfg.seed + self.index)
         classes = train_set.num_classes
-        self.make_targets = lambda x, y: soft_targets(x, y, classes, float(p.label_smoothing), float(p.cutmix), mix_rng)
+        self.make_targets = lambda x, y: soft_targets(x, y, classes, float(p.label_smoothing), float(p.cutmix), self.mix_rng)
         self.loss_weights = torch.ones(1, device=self.runtime.device)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.report = CsvReport(self.output_dir / f"expert_{self.index}_report.csv",
@@ -97,9 +97,11 @@ class ExpertRecipe:
 
     def train(self) -> dict:
         cfg = self.cfg
-        loop = EpochLoop(self.forward, self.train_batches, self.val_batches, self.loss_weights, [""],
+        loop = EpochLoop(self.model, self.forward, self.train_batches, self.val_batches, self.loss_weights, [""],
                          self.optimizer, self.scheduler, self.runtime, cfg.pretrain.grad_clip, self.report, self.logger,
-                         monitor="accuracy", progress_bar=cfg.trainer.progress_bar, make_targets=self.make_targets)
+                         monitor="accuracy", state_path=self.output_dir / "train_state.pth", config=resolved(cfg),
+                         generators=[self.train_batches.generator, self.mix_rng], resume=cfg.trainer.resume,
+                         progress_bar=cfg.trainer.progress_bar, make_targets=self.make_targets)
         best_file = self.output_dir / self.best_name
         best, epochs_run, seconds = loop.run(
             int(cfg.pretrain.epochs), int(cfg.trainer.save_every), cfg.trainer.early_stopping_patience,

@@ -140,9 +140,11 @@ class FusionRecipe:
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
         cfg = self.cfg
-        loop = EpochLoop(self.forward, self.train_batches, self.val_batches, self.loss_weights, self.head_names,
+        loop = EpochLoop(self.model, self.forward, self.train_batches, self.val_batches, self.loss_weights, self.head_names,
                          self.optimizer, self.scheduler, self.runtime, cfg.optim.grad_clip, self.report, self.logger,
-                         monitor="global_accuracy", progress_bar=cfg.trainer.progress_bar)
+                         monitor="global_accuracy", state_path=self.output_dir / "train_state.pth", config=resolved(cfg),
+                         generators=[self.train_batches.generator], resume=cfg.trainer.resume,
+                         progress_bar=cfg.trainer.progress_bar)
         best_file = self.output_dir / f"best_complete_fusion_{self.fusion_type}.pth"
         best, epochs_run, seconds = loop.run(
             int(cfg.trainer.epochs), int(cfg.trainer.save_every), cfg.trainer.early_stopping_patience,

@@ -1,0 +1,156 @@
+"""Training throughput of the MCN: the framework's loop against a bare PyTorch loop, knobs on and off.
+
+    python benchmarks/throughput.py                                   # CPU: wrn10_1 and wrn16_4, 32x32
+    python benchmarks/throughput.py --device cuda --experts wrn28_10  # GPU, with MFU
+
+For each (expert preset, fusion type, knobs) it times `--steps` training steps after `--warmup`:
+- framework: `TensorBatches` (uint8 set on the device, crop + flip there) feeding
+  `mcn.engine.train_epoch` (dual-path loss, clipping, cosine schedule, on-device metrics);
+- bare: the same model, optimiser, batch and loss in a plain `for` loop over pre-made float batches.
+Prints a table (images/s, a 10k-image epoch in seconds, framework overhead, MFU on GPU) and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mcn.data.loader import TensorBatches
+from mcn.engine import cosine_schedule, stacked_logits, train_epoch, weighted_cross_entropy
+from mcn.models import MCN, create_expert, create_fusion
+from mcn.runtime import Runtime
+
+
+def build(preset: str, fusion: str, k: int, classes: int, runtime: Runtime):
+    torch.manual_seed(0)
+    experts = [create_expert(preset, classes, 3) for _ in range(k)]
+    model = MCN(experts, create_fusion(fusion, k, experts[0].num_features), classes)
+    forward = runtime.prepare(model)
+    opt = model.configure_optimizers("adamw", 1e-4, 1e-3, 1e-4, fused=True if runtime.fused_optimizer else None)
+    return model, forward, opt
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_framework(forward, opt, runtime, images, labels, batch, steps, warmup, k):
+    weights = torch.ones(k + 1, device=runtime.device)
+    names = ["global"] + [f"expert_{i}" for i in range(k)]
+    sched = cosine_schedule(opt, 10**6, 0.1)
+    batches = TensorBatches(images, labels, batch, [0.5] * 3, [0.25] * 3, train=True, crop_padding=4, flip=True,
+                            channels_last=runtime.channels_last, device=runtime.device)
+    train_epoch(forward, itertools.islice(iter(batches), warmup), weights, names, opt, sched, runtime, 1.0)
+    sync(runtime.device)
+    start = time.perf_counter()
+    train_epoch(forward, itertools.islice(iter(batches), steps), weights, names, opt, sched, runtime, 1.0)
+    sync(runtime.device)
+    return time.perf_counter() - start
+
+
+def time_bare(forward, model, opt, runtime, images, labels, batch, steps, warmup, k):
+    weights = torch.ones(k + 1, device=runtime.device)
+    x = ((images[:batch].float() - 127.5) / 64).to(runtime.device)
+    if runtime.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = labels[:batch].to(runtime.device)
+
+    def step():
+        with runtime.autocast():
+            loss = weighted_cross_entropy(stacked_logits(forward(x)), y, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    sync(runtime.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(runtime.device)
+    return time.perf_counter() - start
+
+
+def train_flops_per_image(model, runtime, size: int) -> float:
+    """Forward + backward FLOPs of one image, counted by PyTorch's FLOP counter on the eager model."""
+    x = torch.randn(2, 3, size, size, device=runtime.device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        global_logits, expert_logits = model(x)
+        (global_logits.sum() + expert_logits.sum()).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def measured_bf16_tflops(device: torch.device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ b
+    sync(device)
+    return 2 * 8192**3 * n / (time.perf_counter() - start) / 1e12
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--experts", nargs="+", default=["wrn10_1", "wrn16_4"])
+    p.add_argument("--fusions", nargs="+", default=["multiplicative", "concatenation", "multiplicativeAddition", "TransformerBase"])
+    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--knobs", nargs="+", default=None,
+                   help="combinations to time, e.g. fp32 bf16 bf16+cl bf16+cl+compile (default: per device)")
+    p.add_argument("--json", default="benchmarks/results/throughput.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    knob_sets = args.knobs or (["fp32", "bf16", "bf16+cl+compile"] if device.type == "cuda" else ["fp32", "bf16", "bf16+cl"])
+    peak = measured_bf16_tflops(device) if device.type == "cuda" else None
+    n_images = max(args.batch * (args.steps + args.warmup), 1024)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, 3, args.size, args.size), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, args.classes, (n_images,), generator=g).to(device)
+    rows = []
+    for preset, fusion, knobs in itertools.product(args.experts, args.fusions, knob_sets):
+        on = set(knobs.split("+"))
+        runtime = Runtime(device, bf16="bf16" in on, channels_last="cl" in on, compile="compile" in on,
+                          fused_optimizer=device.type == "cuda", data_on_device=True)
+        model, forward, opt = build(preset, fusion, args.num_experts, args.classes, runtime)
+        framework = time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, args.warmup, args.num_experts)
+        bare = time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, args.warmup, args.num_experts)
+        ips = args.batch * args.steps / framework
+        row = {"device": str(device), "experts": f"{args.num_experts}x{preset}", "fusion": fusion, "knobs": knobs,
+               "batch": args.batch, "images_per_s": round(ips, 1), "bare_images_per_s": round(args.batch * args.steps / bare, 1),
+               "overhead_pct": round(100 * (framework - bare) / bare, 1), "epoch_10k_s": round(10_000 / ips, 2)}
+        if peak:
+            row["mfu_pct"] = round(100 * train_flops_per_image(model, runtime, args.size) * ips / (peak * 1e12), 1)
+            row["peak_bf16_tflops"] = round(peak, 1)
+        rows.append(row)
+        print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    columns = list(rows[0])
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(f"\nwrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

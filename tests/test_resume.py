@@ -1,0 +1,88 @@
+"""A run stopped mid-epoch (signal, kill) and started again in its folder ends exactly like an uninterrupted one."""
+import csv
+import json
+import os
+import signal
+
+import pytest
+
+import mcn.recipes.common as common
+from conftest import compose_cfg
+from mcn.errors import ConfigError
+from mcn.train import run
+
+RUN = ["trainer.epochs=4", "trainer.save_every=2", "trainer.deterministic=true"]
+
+
+def rows(folder, fusion="multiplicative"):
+    with open(folder / f"fusion_{fusion}_report.csv") as f:
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in csv.DictReader(f)]
+
+
+def results(folder, fusion="multiplicative"):
+    r = json.loads((folder / f"fusion_training_results_{fusion}.json").read_text())
+    return {k: v for k, v in r.items() if k not in ("wall_time_s", "runtime")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    run(compose_cfg(tmp, RUN), str(tmp / "job"))
+    return tmp / "job"
+
+
+def interrupt_epoch(monkeypatch, epoch: int, signum: int):
+    """Send `signum` to this process as training epoch `epoch` starts (the loop stops after its first step)."""
+    real, calls = common.train_epoch, []
+
+    def train_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(common, "train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
+def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch, uninterrupted, signum):
+    cfg = lambda: compose_cfg(tmp_path, RUN)  # noqa: E731  (a fresh config per start, as a requeued job gets)
+    interrupt_epoch(monkeypatch, 3, signum)
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg(), str(tmp_path / "job"))
+    assert stopped.value.code == 128 + signum
+    assert [r["epoch"] for r in rows(tmp_path / "job") if r["phase"] == "val"] == ["1", "2"]
+    assert not list((tmp_path / "job").glob("fusion_training_results_*.json"))
+    assert signal.getsignal(signum) is not None  # our handler was taken off again
+    monkeypatch.undo()
+    run(cfg(), str(tmp_path / "job"))
+    assert rows(tmp_path / "job") == rows(uninterrupted)  # each epoch once, same numbers
+    assert results(tmp_path / "job") == results(uninterrupted)
+
+
+def test_crash_leaves_a_partial_temp_file_that_resume_ignores(tmp_path, monkeypatch, uninterrupted):
+    real, calls = common.train_epoch, []
+
+    def crashing(*args, **kwargs):  # the process dies in epoch 3, as under kill -9
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(common, "train_epoch", crashing)
+    with pytest.raises(MemoryError):
+        run(compose_cfg(tmp_path, RUN), str(tmp_path / "job"))
+    monkeypatch.undo()
+    (tmp_path / "job" / ".train_state.pth.tmp999").write_bytes(b"half a checkpoint")  # a write cut short
+    run(compose_cfg(tmp_path, RUN), str(tmp_path / "job"))
+    assert rows(tmp_path / "job") == rows(uninterrupted)
+    assert results(tmp_path / "job") == results(uninterrupted)
+
+
+def test_changed_config_continues_only_when_told(tmp_path):
+    run(compose_cfg(tmp_path, [*RUN, "trainer.epochs=2"]), str(tmp_path / "job"))
+    with pytest.raises(ConfigError, match=r"trainer.alpha: 1.0 -> 2.0"):
+        run(compose_cfg(tmp_path, [*RUN, "trainer.epochs=2", "trainer.alpha=2.0"]), str(tmp_path / "job"))
+    out = run(compose_cfg(tmp_path, [*RUN, "trainer.epochs=3", "trainer.resume=force"]), str(tmp_path / "job"))
+    assert out["epochs_run"] == 3
+    assert [r["epoch"] for r in rows(tmp_path / "job") if r["phase"] == "val"] == ["1", "2", "3"]
