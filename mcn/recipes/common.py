@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -69,11 +70,15 @@ class RunLogger:
 
 @contextmanager
 def one_line_errors():
-    """Bad input ends the job with one line on stderr and exit status 2, not a traceback."""
+    """Bad input ends the job with one line on stderr and exit status 2, not a traceback.
+    Inside a submitit job the error is re-raised instead, so that it reaches the launcher, which
+    prints its one line in the submitting terminal."""
     try:
         yield
     except MCNError as e:
         log.error("error: %s", e)
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            raise
         print(f"mcn: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -1,0 +1,104 @@
+"""Against a live one-node Slurm (scripts/slurm-local/start-slurm.sh; .ci/run starts it).
+
+The production request (720 min, 32 GB, 4 CPUs, 1 GPU, partition gpu) goes through unchanged:
+the local cluster advertises fake resources. Skipped where no cluster answers.
+"""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import compose_cfg
+from mcn.train import run
+
+
+def cluster_up() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return "is UP" in ping.stdout
+
+
+# .ci/run starts the cluster and sets MCN_REQUIRE_SLURM=1: there a missing cluster fails the tests instead of skipping them
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(not cluster_up() and not os.environ.get("MCN_REQUIRE_SLURM"),
+                                                    reason="no Slurm cluster (scripts/slurm-local/start-slurm.sh)")]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+SLURM = ["experiment=quickstart", "hydra/launcher=slurm", "logger=none", "trainer.progress_bar=false"]
+
+
+def sweep(args, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "mcn.train", "-m", *args], cwd=cwd, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def report_rows(folder, fusion):
+    with open(next(folder.glob(f"fusion_{fusion}_report.csv"))) as f:
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in csv.DictReader(f)]
+
+
+def test_card_sweep_over_four_fusion_types(tmp_path):
+    fusions = ["multiplicative", "concatenation", "multiplicativeAddition", "TransformerBase"]
+    proc = sweep([f"fusion={','.join(fusions)}", *SLURM, "trainer.epochs=2"], tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    sweep_dir = next((tmp_path / "outputs" / "multirun").glob("*/*"))
+    script = next(sweep_dir.glob(".submitit/*/*_submission.sh")).read_text()
+    for line in ("--array=0-3", "--time=720", "--mem=32GB", "--cpus-per-task=4", "--gpus-per-node=1", "--partition=gpu"):
+        assert line in script
+    for num, fusion in enumerate(fusions):
+        job = next(sweep_dir.glob(f"{num}_fusion={fusion},*"))
+        results = json.loads((job / f"fusion_training_results_{fusion}.json").read_text())
+        assert results["epochs_run"] == 2 and (job / f"best_complete_fusion_{fusion}.pth").exists()
+        assert (job / "experts" / "expert_3_epoch_2.pth").exists() and (job / "global" / "global_head_epoch_2.pth").exists()
+
+
+@pytest.mark.parametrize("interrupt", ["scontrol requeue", "scancel --signal=USR2"])
+def test_requeue_mid_training_loses_nothing(tmp_path, interrupt):
+    overrides = ["fusion=multiplicative", "trainer.epochs=20", "trainer.save_every=5", "trainer.deterministic=true"]
+    (tmp_path / "slurm").mkdir()
+    proc = sweep([*overrides, *SLURM], tmp_path / "slurm")
+    deadline, job_id, folder = time.time() + 120, None, None
+    while time.time() < deadline:  # wait until the job is a few epochs in
+        reports = list((tmp_path / "slurm" / "outputs" / "multirun").glob("*/*/0_*/fusion_multiplicative_report.csv"))
+        if reports and reports[0].read_text().count("\nval,") >= 3:
+            folder = reports[0].parent
+            job_id = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()[0]
+            break
+        time.sleep(0.2)
+    assert job_id, "the job never got going"
+    subprocess.run([*interrupt.split(), job_id], check=True)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    log = (folder / "train.log").read_text()
+    assert "resumed from" in log and log.count("best epoch") == 1
+    # the same config, never interrupted, in this process
+    straight = tmp_path / "straight"
+    run(compose_cfg(tmp_path, [*overrides, "experiment=quickstart"]), str(straight))
+    rows = report_rows(folder, "multiplicative")
+    assert [(r["phase"], r["epoch"]) for r in rows if r["phase"] != "test"] == [
+        (phase, str(e)) for e in range(1, 21) for phase in ("train", "val")]
+    assert rows == report_rows(straight, "multiplicative")
+    ours = json.loads((folder / "fusion_training_results_multiplicative.json").read_text())
+    theirs = json.loads((straight / "fusion_training_results_multiplicative.json").read_text())
+    for key in ("best_epoch", "best_val_accuracy", "test_accuracy", "expert_test_accuracy", "ensemble_test_accuracy"):
+        assert ours[key] == theirs[key], key
+
+
+def test_impossible_request_surfaces_sbatch_message(tmp_path):
+    proc = sweep(["fusion=multiplicative", *SLURM, "hydra.launcher.gpus_per_node=16"], tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "mcn: error: Slurm refused the sweep: sbatch: error: Batch job submission failed" in out
+    assert "Traceback" not in out
+
+
+def test_no_sbatch_names_the_local_launcher(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mcn.train", "-m", "fusion=multiplicative"], cwd=tmp_path, text=True,
+                          capture_output=True, env={**ENV, "PATH": os.path.dirname(sys.executable)})
+    assert proc.returncode == 2 and "add hydra/launcher=local" in proc.stderr and "Traceback" not in proc.stderr
