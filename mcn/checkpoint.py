@@ -18,14 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from mcn import distributed
 from mcn.errors import CheckpointError
 
 FORMAT = "mcn-checkpoint-v1"
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary name, then rename: a kill leaves the previous file intact."""
+    """torch.save to a temporary name, then rename: a kill leaves the previous file intact.
+    Only rank 0 of a multi-process job writes."""
     path = Path(path)
+    if not distributed.is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)

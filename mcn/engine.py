@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from mcn import distributed
 from mcn.runtime import Runtime
 
 
@@ -53,8 +54,8 @@ class HeadMetrics:
     """Sums of loss and per-head correct counts, kept on the device until `compute()`.
     Head "x" reports `x_accuracy`; a lone unnamed head ("") reports `accuracy`."""
 
-    def __init__(self, head_names: list[str], device: torch.device, ensemble: bool):
-        self.head_names, self.ensemble = head_names, ensemble
+    def __init__(self, head_names: list[str], device: torch.device, ensemble: bool, sharded: bool = False):
+        self.head_names, self.ensemble, self.sharded = head_names, ensemble, sharded
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros(len(head_names) + 2 * ensemble, device=device)
         self.count = 0
@@ -70,9 +71,14 @@ class HeadMetrics:
         self.count += labels.numel()
 
     def compute(self) -> dict[str, float]:
-        correct = (self.correct / max(1, self.count)).tolist()  # the one host sync of the epoch
+        sums = torch.cat([self.loss[None], torch.tensor([float(self.count)], device=self.loss.device), self.correct])
+        if self.sharded:  # each process saw its own share of the batches
+            distributed.all_reduce_sum(sums)
+        values = sums.tolist()  # the one host sync of the epoch
+        loss, count = values[0], max(1.0, values[1])
+        correct = [c / count for c in values[2:]]
         names = self.head_names + (["ensemble", "oracle"] if self.ensemble else [])
-        out = {"loss": round(self.loss.item() / max(1, self.count), 6)}
+        out = {"loss": round(loss / count, 6)}
         out.update({f"{name}_accuracy" if name else "accuracy": round(acc, 6) for name, acc in zip(names, correct)})
         return out
 
@@ -83,7 +89,7 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, loss_weights: torch.T
     """One pass over `batches`; `make_targets(x, y) -> (x, targets)` may mix inputs (CutMix) or soften labels;
     `should_stop()` is asked after every step (a signal arrived) and ends the pass early."""
     model.train()
-    metrics = HeadMetrics(head_names, runtime.device, ensemble=False)
+    metrics = HeadMetrics(head_names, runtime.device, ensemble=False, sharded=runtime.dist.enabled)
     for x, y in batches:
         targets = y
         if make_targets is not None:
@@ -127,6 +133,8 @@ class CsvReport:
                 self.rows = list(csv.DictReader(f))
 
     def add(self, row: dict) -> None:
+        if not distributed.is_main():
+            return
         self.rows = [r for r in self.rows if (r["phase"], str(r["epoch"])) != (row["phase"], str(row["epoch"]))]
         self.rows.append(row)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -138,6 +146,8 @@ class CsvReport:
 
 
 def write_json(path: str | Path, data: dict) -> None:
+    if not distributed.is_main():
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))

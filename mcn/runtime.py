@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mcn import distributed
 from mcn.errors import ConfigError
 
 
@@ -28,6 +29,7 @@ class Runtime:
     compile: bool
     fused_optimizer: bool
     data_on_device: bool
+    dist: distributed.DistInfo = distributed.DistInfo()
 
     @classmethod
     def from_config(cls, trainer, cuda_available: bool | None = None, bf16_supported: bool | None = None) -> "Runtime":
@@ -40,6 +42,10 @@ class Runtime:
             raise ConfigError(f"trainer.device={want} but no CUDA device is visible; set trainer.device=cpu")
         device = torch.device(want)
         cuda = device.type == "cuda"
+        dist = distributed.setup(cuda)
+        if cuda and dist.enabled and device.index is None:  # one GPU per process
+            device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(device)
         if trainer.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"trainer.precision={trainer.precision!r}; use auto, bf16 or fp32")
         if bf16_supported is None:
@@ -53,7 +59,7 @@ class Runtime:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = not trainer.get("deterministic", False)
         return cls(device, bf16, _auto(trainer.channels_last, cuda), _auto(trainer.compile, cuda),
-                   _auto(trainer.get("fused_optimizer"), cuda), _auto(trainer.get("data_on_device"), True))
+                   _auto(trainer.get("fused_optimizer"), cuda), _auto(trainer.get("data_on_device"), True), dist)
 
     def autocast(self):
         if not self.bf16:
@@ -61,15 +67,21 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Move to the device (channels_last if asked); returns the module to call (compiled if asked)."""
+        """Move to the device (channels_last if asked); returns the module to call: wrapped in
+        DistributedDataParallel when the job has several processes, compiled if asked."""
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return torch.compile(model) if self.compile else model
 
     def describe(self) -> str:
         return (f"device={self.device} bf16={self.bf16} channels_last={self.channels_last} compile={self.compile} "
-                f"fused_optimizer={self.fused_optimizer} data_on_device={self.data_on_device} threads={torch.get_num_threads()}")
+                f"fused_optimizer={self.fused_optimizer} data_on_device={self.data_on_device} threads={torch.get_num_threads()} "
+                f"processes={self.dist.world_size}")
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -32,9 +32,9 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 SLURM = ["experiment=quickstart", "hydra/launcher=slurm", "logger=none", "trainer.progress_bar=false"]
 
 
-def sweep(args, cwd, **kw):
-    return subprocess.Popen([sys.executable, "-m", "mcn.train", "-m", *args], cwd=cwd, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+def sweep(args, cwd, env=ENV):
+    return subprocess.Popen([sys.executable, "-m", "mcn.train", "-m", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def report_rows(folder, fusion):
@@ -102,3 +102,24 @@ def test_no_sbatch_names_the_local_launcher(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mcn.train", "-m", "fusion=multiplicative"], cwd=tmp_path, text=True,
                           capture_output=True, env={**ENV, "PATH": os.path.dirname(sys.executable)})
     assert proc.returncode == 2 and "add hydra/launcher=local" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_task_job_trains_with_gloo_and_one_process_writes(tmp_path):
+    proc = sweep(["fusion=multiplicative", "experiment=quickstart", "hydra/launcher=slurm", "trainer.progress_bar=false",
+                  "trainer.epochs=3", "trainer.save_every=3", "hydra.launcher.tasks_per_node=2"], tmp_path,
+                 env={**ENV, "WANDB_MODE": "offline"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    sweep_dir = next((tmp_path / "outputs" / "multirun").glob("*/*"))
+    job = next(sweep_dir.glob("0_fusion=multiplicative*"))
+    assert "--ntasks-per-node=2" in next(sweep_dir.glob(".submitit/*/*_submission.sh")).read_text()
+    assert len(list(sweep_dir.glob(".submitit/*/*_1_log.out"))) == 1  # the second task ran
+    log = (job / "train.log").read_text()
+    assert "processes=2" in log and log.count("epoch 3/3") == 1  # progress logged by rank 0 only
+    rows = report_rows(job, "multiplicative")
+    assert [(r["phase"], r["epoch"]) for r in rows if r["phase"] != "test"] == [
+        (p, str(e)) for e in (1, 2, 3) for p in ("train", "val")]
+    train_loss = [float(r["loss"]) for r in rows if r["phase"] == "train"]
+    assert train_loss[-1] < train_loss[0]  # it trains
+    assert len(list(job.glob("wandb/offline-run-*"))) == 1  # one tracker run: only rank 0 writes
+    assert json.loads((job / "fusion_training_results_multiplicative.json").read_text())["runtime"].endswith("processes=2")

@@ -73,8 +73,9 @@ class TensorBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: list[float],
                  std: list[float], train: bool, crop_padding: int = 0, flip: bool = False, seed: int = 0,
                  channels_last: bool = False, device: torch.device | str | None = None, erasing: float = 0.0,
-                 uint8_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 uint8_transform: Callable[[torch.Tensor], torch.Tensor] | None = None, shard: tuple[int, int] = (0, 1)):
         self.erasing, self.uint8_transform = erasing, uint8_transform
+        self.rank, self.world_size = shard  # training batches: this process's share of each shuffled epoch
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
         self.crop_padding, self.flip, self.channels_last = crop_padding, flip, channels_last
         self.device = torch.device(device) if device is not None else images.device
@@ -83,13 +84,18 @@ class TensorBatches:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
+    def _size(self) -> int:
+        # every process gets the same number of images (DistributedDataParallel steps in lockstep)
+        return len(self.labels) // self.world_size if self.train else len(self.labels)
+
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self._size() // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        if self.train:
-            order = torch.randperm(n, device=self.device, generator=self.generator)
+        n = self._size()
+        if self.train:  # the same permutation on every process (same seed), each taking its own slice
+            order = torch.randperm(len(self.labels), device=self.device, generator=self.generator)
+            order = order[self.rank::self.world_size][:n]
         else:
             order = torch.arange(n, device=self.device)
         for start in range(0, n, self.batch_size):

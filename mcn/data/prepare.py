@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from mcn import distributed
 from mcn.data.datasets import ImageSet, load_dataset
 from mcn.data.loader import TensorBatches
 from mcn.data.splits import Split, SplitSpec, prepare_split
@@ -34,8 +35,11 @@ def split_spec(cfg: DictConfig) -> SplitSpec:
 def prepare_data(cfg: DictConfig) -> PreparedData:
     train = load_dataset(cfg.data.name, cfg.paths.data_dir, train=True, download=cfg.data.download)
     test = load_dataset(cfg.data.name, cfg.paths.data_dir, train=False, download=cfg.data.download)
-    split = prepare_split(cfg.paths.split_dir, train.labels.numpy(), train.num_classes, split_spec(cfg),
-                          force=cfg.split.force)
+    make = lambda: prepare_split(cfg.paths.split_dir, train.labels.numpy(), train.num_classes,  # noqa: E731
+                                 split_spec(cfg), force=cfg.split.force)
+    split = make() if distributed.is_main() else None
+    distributed.barrier()  # rank 0 writes the split; the others read it
+    split = split or make()
     # normalisation statistics from the expert pool, the same for both stages
     mean, std = train.subset(split["expert_train_indices"]).channel_stats()
     return PreparedData(train, test, split, mean, std)
@@ -48,5 +52,6 @@ def make_batches(images: ImageSet, data: PreparedData, cfg: DictConfig, runtime:
     return TensorBatches(images.images.to(home), images.labels.to(home), int(cfg.trainer.batch_size),
                          data.mean, data.std, train=train, crop_padding=int(cfg.data.crop_padding),
                          flip=bool(cfg.data.flip), seed=seed, channels_last=runtime.channels_last,
-                         device=runtime.device, **augment)
+                         device=runtime.device, shard=(runtime.dist.rank, runtime.dist.world_size) if train else (0, 1),
+                         **augment)
 

@@ -7,11 +7,13 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mcn import distributed
 from mcn.checkpoint import atomic_save, clean_state_dict, load_file, restore_rng, rng_state
 from mcn.engine import evaluate, train_epoch
 from mcn.errors import ConfigError, MCNError
@@ -43,12 +45,12 @@ class RunLogger:
 
     def __init__(self, cfg: DictConfig, output_dir: Path, name: str):
         self.run = None
-        if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+        if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled" or not distributed.is_main():
             return
         import wandb
 
         id_file = output_dir / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
                               dir=str(output_dir), name=name, id=run_id, resume="allow", config=resolved(cfg),
@@ -162,6 +164,13 @@ class EpochLoop:
                  state["best"]["val_accuracy"], state["best"]["epoch"])
         return state
 
+    def stop_requested(self) -> bool:
+        """Asked after every step; with several processes they agree, so all stop at the same step."""
+        stop = distributed.any_process(self.signal is not None, self.runtime.device)
+        if stop and self.signal is None:  # another process got the signal
+            self.signal = signal.SIGTERM
+        return stop
+
     def _on_signal(self, signum, frame) -> None:
         self.signal = signum
         log.warning("caught %s: stopping at the next step; the state of epoch %s is on disk",
@@ -181,7 +190,7 @@ class EpochLoop:
                 lrs = self.learning_rates()
                 batches = progress(self.train_batches, len(self.train_batches), f"epoch {epoch}/{epochs}", self.progress_bar)
                 train = train_epoch(self.forward, batches, self.loss_weights, self.head_names, self.optimizer, self.scheduler,
-                                    self.runtime, self.grad_clip, self.make_targets, should_stop=lambda: self.signal is not None)
+                                    self.runtime, self.grad_clip, self.make_targets, should_stop=self.stop_requested)
                 if self.signal is not None:
                     break
                 val = evaluate(self.forward, self.val_batches, self.loss_weights, self.head_names, self.runtime)
@@ -228,3 +237,4 @@ def run_recipe(recipe) -> dict:
         return results
     finally:
         recipe.cleanup(failed)
+        distributed.cleanup()

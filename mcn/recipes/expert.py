@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from mcn import distributed
 from mcn.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from mcn.data.loader import soft_targets
 from mcn.data.prepare import make_batches, prepare_data
@@ -111,6 +112,7 @@ class ExpertRecipe:
 
     def finish(self, best_file: Path, best: dict, epochs_run: int, seconds: float) -> dict:
         """Test the best epoch once, then publish it (with its CSV and JSON) to the experts folder."""
+        distributed.barrier()  # rank 0 has written it
         ckpt = load_checkpoint(best_file, component="expert")
         self.model.load_state_dict(ckpt["state_dict"])
         test = evaluate(self.forward, self.test_batches, self.loss_weights, [""], self.runtime)
@@ -121,10 +123,10 @@ class ExpertRecipe:
                    "split_scheme": self.cfg.split.scheme, "epochs_run": epochs_run, "wall_time_s": round(seconds, 2),
                    "parameters": sum(q.numel() for q in self.model.parameters()), "runtime": self.runtime.describe()}
         ckpt["metrics"] = {**ckpt["metrics"], "test_accuracy": test["accuracy"]}
-        self.experts_dir.mkdir(parents=True, exist_ok=True)
         atomic_save(ckpt, self.experts_dir / self.best_name)
         write_json(self.experts_dir / f"expert_{self.index}_results.json", results)
-        shutil.copyfile(self.report.path, self.experts_dir / self.report.path.name)
+        if distributed.is_main():
+            shutil.copyfile(self.report.path, self.experts_dir / self.report.path.name)
         log.info("expert %d: best epoch %d, val %.4f, test %.4f -> %s", self.index, best["epoch"], best["val_accuracy"],
                  test["accuracy"], self.experts_dir / self.best_name)
         return results

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from mcn import distributed
 from mcn.checkpoint import atomic_save, extract_state_dict, load_checkpoint, load_file, load_weights, make_checkpoint
 from mcn.data.prepare import PreparedData, make_batches, prepare_data
 from mcn.engine import CsvReport, cosine_schedule, evaluate, write_json
@@ -181,6 +182,7 @@ class FusionRecipe:
     def finish(self, best: dict, epochs_run: int, train_time: float) -> dict:
         """Test once, with the best epoch's weights as saved on disk."""
         best_file = self.output_dir / f"best_complete_fusion_{self.fusion_type}.pth"
+        distributed.barrier()  # rank 0 has written it
         best_ckpt = load_checkpoint(best_file, component="complete")
         self.model.load_state_dict(best_ckpt["state_dict"])
         if not (self.output_dir / "global" / f"global_head_epoch_{best['epoch']}.pth").exists():
