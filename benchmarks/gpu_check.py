@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import throughput  # noqa: E402  (the sibling benchmark)
 
-from mcn.engine import stacked_logits, weighted_cross_entropy  # noqa: E402
 from mcn.runtime import Runtime  # noqa: E402
 
 
@@ -43,18 +42,7 @@ def loss_curve(runtime: Runtime, preset: str, steps: int, batch: int, classes: i
     model, forward, opt = throughput.build(preset, "multiplicativeAddition", 4, classes, runtime)
     weights = torch.ones(5, device=runtime.device)
     next_batch = synthetic_task(classes, size, runtime.device)
-    losses = []
-    for _ in range(steps):
-        x, y = next_batch(batch)
-        if runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
-            loss = weighted_cross_entropy(stacked_logits(forward(x)), y, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.detach())
+    losses = [throughput.bare_step(model, forward, opt, runtime, *next_batch(batch), weights) for _ in range(steps)]
     return torch.stack(losses).float().cpu().tolist()  # one sync, at the end
 
 
@@ -86,10 +74,11 @@ def main(argv=None) -> int:
           f"(tolerance {args.tolerance}) -> {'PASS' if ok else 'FAIL'} [{time.time() - t0:.0f}s]", flush=True)
     bench_args = ["--device", str(device), "--experts", preset, "--json", str(Path(args.json).with_name("gpu_throughput.json"))]
     if tiny:
-        bench_args += ["--fusions", "multiplicative", "--knobs", "fp32", "bf16", "--steps", "3", "--warmup", "1", "--size", "16"]
+        bench_args += ["--fusions", "multiplicative", "--knobs", "fp32", "bf16", "--steps", "3", "--warmup", "1", "--size", "16",
+                       "--rounds", "1"]
     else:
         bench_args += ["--fusions", "multiplicative", "TransformerBase", "--batch", "128", "--steps", "30", "--warmup", "5",
-                       "--knobs", "fp32", "bf16+cl", "bf16+cl+compile"]
+                       "--knobs", "fp32", "bf16+cl", "bf16+cl+compile", "--rounds", "2"]
     rows = throughput.main(bench_args)
     best = max(rows, key=lambda r: r["images_per_s"])
     job_min = 100 * 10_000 / best["images_per_s"] / 60

@@ -7,6 +7,7 @@ For each (expert preset, fusion type, knobs) it times `--steps` training steps a
 - framework: `TensorBatches` (uint8 set on the device, crop + flip there) feeding
   `mcn.engine.train_epoch` (dual-path loss, clipping, cosine schedule, on-device metrics);
 - bare: the same model, optimiser, batch and loss in a plain `for` loop over pre-made float batches.
+Framework and bare timings alternate over `--rounds` rounds and the medians are compared.
 Prints a table (images/s, a 10k-image epoch in seconds, framework overhead, MFU on GPU) and writes JSON.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -40,13 +42,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_framework(forward, opt, runtime, images, labels, batch, steps, warmup, k):
+def time_framework(forward, opt, runtime, images, labels, batch, steps, k):
     weights = torch.ones(k + 1, device=runtime.device)
     names = ["global"] + [f"expert_{i}" for i in range(k)]
     sched = cosine_schedule(opt, 10**6, 0.1)
     batches = TensorBatches(images, labels, batch, [0.5] * 3, [0.25] * 3, train=True, crop_padding=4, flip=True,
                             channels_last=runtime.channels_last, device=runtime.device)
-    train_epoch(forward, itertools.islice(iter(batches), warmup), weights, names, opt, sched, runtime, 1.0)
     sync(runtime.device)
     start = time.perf_counter()
     train_epoch(forward, itertools.islice(iter(batches), steps), weights, names, opt, sched, runtime, 1.0)
@@ -54,27 +55,27 @@ def time_framework(forward, opt, runtime, images, labels, batch, steps, warmup, 
     return time.perf_counter() - start
 
 
-def time_bare(forward, model, opt, runtime, images, labels, batch, steps, warmup, k):
-    weights = torch.ones(k + 1, device=runtime.device)
-    x = ((images[:batch].float() - 127.5) / 64).to(runtime.device)
+def bare_step(model, forward, opt, runtime, x, y, weights) -> torch.Tensor:
+    """One training step with nothing around it: the reference the framework's loop is measured against."""
     if runtime.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    with runtime.autocast():
+        loss = weighted_cross_entropy(stacked_logits(forward(x)), y, weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
+def time_bare(forward, model, opt, runtime, images, labels, batch, steps, k):
+    weights = torch.ones(k + 1, device=runtime.device)
+    x = ((images[:batch].float() - 127.5) / 64).to(runtime.device)
     y = labels[:batch].to(runtime.device)
-
-    def step():
-        with runtime.autocast():
-            loss = weighted_cross_entropy(stacked_logits(forward(x)), y, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    for _ in range(warmup):
-        step()
     sync(runtime.device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        bare_step(model, forward, opt, runtime, x, y, weights)
     sync(runtime.device)
     return time.perf_counter() - start
 
@@ -114,6 +115,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved framework/bare timings; medians are reported")
     p.add_argument("--knobs", nargs="+", default=None,
                    help="combinations to time, e.g. fp32 bf16 bf16+cl bf16+cl+compile (default: per device)")
     p.add_argument("--json", default="benchmarks/results/throughput.json")
@@ -121,7 +123,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     knob_sets = args.knobs or (["fp32", "bf16", "bf16+cl+compile"] if device.type == "cuda" else ["fp32", "bf16", "bf16+cl"])
     peak = measured_bf16_tflops(device) if device.type == "cuda" else None
-    n_images = max(args.batch * (args.steps + args.warmup), 1024)
+    n_images = max(args.batch * args.steps, 1024)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_images, 3, args.size, args.size), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, args.classes, (n_images,), generator=g).to(device)
@@ -131,8 +133,12 @@ def main(argv=None) -> list[dict]:
         runtime = Runtime(device, bf16="bf16" in on, channels_last="cl" in on, compile="compile" in on,
                           fused_optimizer=device.type == "cuda", data_on_device=True)
         model, forward, opt = build(preset, fusion, args.num_experts, args.classes, runtime)
-        framework = time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, args.warmup, args.num_experts)
-        bare = time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, args.warmup, args.num_experts)
+        time_bare(forward, model, opt, runtime, images, labels, args.batch, args.warmup, args.num_experts)  # warm-up (and compile)
+        # interleaved rounds, median of each: this VM's speed drifts by tens of percent over a minute
+        rounds = [(time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, args.num_experts),
+                   time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, args.num_experts))
+                  for _ in range(args.rounds)]
+        framework, bare = (statistics.median(r[i] for r in rounds) for i in (0, 1))
         ips = args.batch * args.steps / framework
         row = {"device": str(device), "experts": f"{args.num_experts}x{preset}", "fusion": fusion, "knobs": knobs,
                "batch": args.batch, "images_per_s": round(ips, 1), "bare_images_per_s": round(args.batch * args.steps / bare, 1),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from mcn.data.prepare import make_batches, prepare_data
 from mcn.engine import evaluate
 from mcn.errors import CheckpointError, MCNError
 from mcn.models import MCN, build_expert, build_fusion, build_global_head, build_mcn
+from mcn.recipes.common import one_line_errors
 from mcn.runtime import Runtime
 
 # file name -> (component, fusion type, expert index, epoch) as the name claims them
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global_file", help="reconstruct: a global head file from another run")
     parser.add_argument("--split", default="test", choices=["test", "val", "train"], help="what to evaluate on")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         if args.action == "list":
             rows = list_components(args.checkpoint_dir)
             print(f"{'kind':<12} {'index':>5} {'fusion type':<24} {'epoch':>5} {'val acc':>8} {'MB':>8}  file")
@@ -253,9 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         if "ensemble_accuracy" in metrics:
             print(f"  logit average: {metrics['ensemble_accuracy']:.4f}  oracle: {metrics['oracle_accuracy']:.4f}")
         return 0
-    except MCNError as e:
-        print(f"mcn: error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 from mcn.errors import MCNError
+from mcn.recipes.common import one_line_errors
 from mcn.report import collect_runs, markdown_table, write_summary
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="a sweep (or pipeline) folder holding fusion runs")
     parser.add_argument("--output_file", help="CSV path (default: <sweep>/fusion_performance_summary.csv)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         sweep = Path(args.sweep)
         if not sweep.is_dir():
             raise MCNError(f"sweep folder {sweep} does not exist")
@@ -84,9 +84,6 @@ def main(argv: list[str] | None = None) -> int:
                                     "ensemble_test_accuracy", "oracle_test_accuracy", "expert_test_accuracy"]))
         print("wrote " + ", ".join(str(p) for p in (csv_path, md_path, *figures)))
         return 0
-    except MCNError as e:
-        print(f"mcn: error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -168,5 +168,8 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
 
 
 def test_sweep_report_on_an_empty_folder(tmp_path, capsys):
-    assert evaluate_main([str(tmp_path)]) == 2
-    assert "no fusion runs under" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main([str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mcn: error: no fusion runs under" in err

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -42,6 +41,19 @@ def report_rows(folder, fusion):
         return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in csv.DictReader(f)]
 
 
+def wait_for_epochs(root, fusion, n, timeout=120):
+    """(job folder, Slurm job id) once the running job has validated `n` epochs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        reports = list(root.glob(f"outputs/multirun/*/*/0_*/fusion_{fusion}_report.csv"))
+        if reports and reports[0].read_text().count("\nval,") >= n:
+            job_id = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+            if job_id:
+                return reports[0].parent, job_id[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no job got to epoch {n}")
+
+
 def test_card_sweep_over_four_fusion_types(tmp_path):
     fusions = ["multiplicative", "concatenation", "multiplicativeAddition", "TransformerBase"]
     proc = sweep([f"fusion={','.join(fusions)}", *SLURM, "trainer.epochs=2"], tmp_path)
@@ -63,15 +75,7 @@ def test_requeue_mid_training_loses_nothing(tmp_path, interrupt):
     overrides = ["fusion=multiplicative", "trainer.epochs=20", "trainer.save_every=5", "trainer.deterministic=true"]
     (tmp_path / "slurm").mkdir()
     proc = sweep([*overrides, *SLURM], tmp_path / "slurm")
-    deadline, job_id, folder = time.time() + 120, None, None
-    while time.time() < deadline:  # wait until the job is a few epochs in
-        reports = list((tmp_path / "slurm" / "outputs" / "multirun").glob("*/*/0_*/fusion_multiplicative_report.csv"))
-        if reports and reports[0].read_text().count("\nval,") >= 3:
-            folder = reports[0].parent
-            job_id = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()[0]
-            break
-        time.sleep(0.2)
-    assert job_id, "the job never got going"
+    folder, job_id = wait_for_epochs(tmp_path / "slurm", "multiplicative", 3)
     subprocess.run([*interrupt.split(), job_id], check=True)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -88,6 +92,37 @@ def test_requeue_mid_training_loses_nothing(tmp_path, interrupt):
     theirs = json.loads((straight / "fusion_training_results_multiplicative.json").read_text())
     for key in ("best_epoch", "best_val_accuracy", "test_accuracy", "expert_test_accuracy", "ensemble_test_accuracy"):
         assert ours[key] == theirs[key], key
+
+
+def test_scancel_fails_the_sweep_cleanly_and_a_relaunch_resumes(tmp_path):
+    overrides = ["fusion=multiplicative", "trainer.epochs=20", "trainer.deterministic=true", *SLURM]
+    proc = sweep(overrides, tmp_path)
+    folder, job_id = wait_for_epochs(tmp_path, "multiplicative", 2)
+    subprocess.run(["scancel", job_id], check=True)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2 and "mcn: error: a sweep job ended without a result" in out, out[-2000:]
+    assert "Traceback" not in out
+    done = [r["epoch"] for r in report_rows(folder, "multiplicative") if r["phase"] == "val"]
+    # the same sweep folder again: the job finds its state and finishes, each epoch once
+    proc = sweep([*overrides, f"hydra.sweep.dir={folder.parent}"], tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "resumed from" in (folder / "train.log").read_text()
+    epochs = [r["epoch"] for r in report_rows(folder, "multiplicative") if r["phase"] == "val"]
+    assert epochs == [str(e) for e in range(1, 21)] and len(done) >= 2
+
+
+def test_time_limit_requeues_and_resumes(tmp_path):
+    """A real time limit: 1 minute, USR2 20 s before it; the job is requeued (up to 3 times) and resumes."""
+    proc = sweep(["fusion=multiplicative", "trainer.epochs=150", "trainer.save_every=50", *SLURM,
+                  "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20"], tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:]
+    folder = next(tmp_path.glob("outputs/multirun/*/*/0_*"))
+    log = (folder / "train.log").read_text()
+    assert "caught SIGUSR2" in log and "resumed from" in log
+    epochs = [r["epoch"] for r in report_rows(folder, "multiplicative") if r["phase"] == "val"]
+    assert epochs == [str(e) for e in range(1, 151)]
 
 
 def test_impossible_request_surfaces_sbatch_message(tmp_path):
