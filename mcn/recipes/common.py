@@ -1,4 +1,5 @@
-"""Pieces both recipes use: config checks, the logger, the job's log line."""
+"""What the fusion and expert recipes share: config checks, the experiment logger, one-line errors,
+the resumable epoch loop (`EpochLoop`) and setup -> train -> cleanup (`run_recipe`)."""
 from __future__ import annotations
 
 import logging
