@@ -29,7 +29,7 @@ from mcn.checkpoint import load_checkpoint, load_weights
 from mcn.data.prepare import make_batches, prepare_data
 from mcn.engine import evaluate
 from mcn.errors import CheckpointError, MCNError
-from mcn.models import MCN, build_expert, build_fusion, build_global_head, build_mcn
+from mcn.models import MCN, build_expert, build_fusion, build_mcn
 from mcn.recipes.common import one_line_errors
 from mcn.runtime import Runtime
 

@@ -3,7 +3,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT, compose_cfg, run_cli
+from conftest import CONF, compose_cfg, run_cli
 from mcn.models import EXPERT_PRESETS, create_fusion, list_fusions
 
 GROUPS = ["data", "split", "expert", "fusion", "optim", "trainer", "logger", "paths", "experiment"]

@@ -1,7 +1,4 @@
 """The CPU-side parts of the GPU fast path: default switches, one evaluation pass, the check scripts."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -81,10 +81,6 @@ def build_fusion(architecture: dict) -> nn.Module:
     return create_fusion(architecture["name"], **kwargs)
 
 
-def build_global_head(architecture: dict) -> nn.Linear:
-    return nn.Linear(architecture["in_features"], architecture["num_classes"])
-
-
 def build_mcn(architecture: dict) -> MCN:
     """The inverse of a complete checkpoint's `architecture`: {"experts": [...], "fusion": ..., "global_head": ...}."""
     experts = [build_expert(a) for a in architecture["experts"]]

@@ -95,7 +95,7 @@ class FusionRecipe:
         seed_everything(cfg.seed, cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
         self.data = prepare_data(cfg)
-        train_set, classes, channels = self.data.train, self.data.train.num_classes, self.data.train.in_channels
+        classes, channels = self.data.train.num_classes, self.data.train.in_channels
 
         experts = [create_expert(cfg.expert.preset, classes, channels) for _ in range(cfg.experts.num)]
         self.expert_sources = [
