@@ -79,7 +79,8 @@ def one_line_errors():
     try:
         yield
     except MCNError as e:
-        log.error("error: %s", e)
+        if log.hasHandlers():  # the job log, under Hydra; a plain CLI gets the stderr line below only
+            log.error("error: %s", e)
         if os.environ.get("SUBMITIT_EXECUTOR"):
             raise
         print(f"mcn: error: {e}", file=sys.stderr)
