@@ -53,7 +53,8 @@ def load_file(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read only when used, so listing a folder of large checkpoints stays cheap
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         # torch names the pickle GLOBAL it would have to import ("Unsupported global: GLOBAL posix.system", or
         # "Trying to load unsupported GLOBAL posix.system ..." in newer releases)
