@@ -68,7 +68,11 @@ def load_file(path: str | Path) -> Any:
 
 def load_checkpoint(path: str | Path, component: str | None = None) -> dict:
     """Load one of our own files and check it is the component it should be."""
-    ckpt = load_file(path)
+    return check_checkpoint(load_file(path), path, component)
+
+
+def check_checkpoint(ckpt: Any, path: str | Path, component: str | None = None) -> dict:
+    """`ckpt` (loaded from `path`) must be one of our files, holding `component` when one is named."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an mcn checkpoint (no format={FORMAT!r} key)")
     if component is not None and ckpt.get("component") != component:

@@ -22,7 +22,8 @@ import torch
 from omegaconf import DictConfig
 
 from mcn import distributed
-from mcn.checkpoint import atomic_save, extract_state_dict, load_checkpoint, load_file, load_weights, make_checkpoint
+from mcn.checkpoint import (atomic_save, check_checkpoint, extract_state_dict, load_checkpoint, load_file, load_weights,
+                            make_checkpoint)
 from mcn.data.prepare import PreparedData, make_batches, prepare_data
 from mcn.engine import CsvReport, cosine_schedule, evaluate, write_json
 from mcn.errors import CheckpointError, ConfigError
@@ -55,7 +56,7 @@ def load_pretrained_expert(expert: torch.nn.Module, path: Path, index: int, cfg:
     obj = load_file(path)
     info = {"path": str(path)}
     if isinstance(obj, dict) and "format" in obj:  # one of ours: check what it claims
-        ckpt = load_checkpoint(path, component="expert")
+        ckpt = check_checkpoint(obj, path, component="expert")
         wanted = {"preset": cfg.expert.preset, **expert.architecture}
         if ckpt["architecture"] != wanted:
             raise CheckpointError(f"{path} is a {ckpt['architecture']} expert, but the config asks for {wanted}; "
