@@ -7,6 +7,7 @@ from torch import nn
 from mcn.errors import ConfigError
 from mcn.models.fusion import create_fusion
 from mcn.models.wide_resnet import create_expert
+from mcn.optim import build_optimizer
 
 
 class MCN(nn.Module):
@@ -48,24 +49,10 @@ class MCN(nn.Module):
     def configure_optimizers(self, name: str, base_lr: float, head_lr: float, weight_decay: float,
                              momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
                              fused: bool | None = None) -> torch.optim.Optimizer:
-        """The one place where "experts at base_lr, fusion + global head at head_lr" lives.
-
-        Weight decay goes to matrices and conv kernels only; biases and norm parameters are not decayed.
-        Each group's `role` names its rate (`base_lr` or `head_lr`), as in the reports.
-        """
-        groups = []
-        for role, lr, modules in (("base_lr", base_lr, [self.experts]), ("head_lr", head_lr, [self.fusion, self.global_head])):
-            params = [p for m in modules for p in m.parameters() if p.requires_grad]
-            decay = [p for p in params if p.dim() >= 2]
-            no_decay = [p for p in params if p.dim() < 2]
-            groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "role": role})
-            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "role": role})
-        extra = {} if fused is None else {"fused": fused}
-        if name == "adamw":
-            return torch.optim.AdamW(groups, betas=tuple(betas), **extra)
-        if name == "sgd":
-            return torch.optim.SGD(groups, momentum=momentum, nesterov=momentum > 0, **extra)
-        raise ConfigError(f"unknown optimiser {name!r}; known: adamw, sgd (set optim=adamw or optim=sgd)")
+        """The one place where "experts at base_lr, fusion + global head at head_lr" lives."""
+        head = [*self.fusion.parameters(), *self.global_head.parameters()]
+        return build_optimizer(name, [("base_lr", base_lr, self.experts.parameters()), ("head_lr", head_lr, head)],
+                               weight_decay, momentum=momentum, betas=betas, fused=fused)
 
 
 def build_expert(architecture: dict) -> nn.Module:

@@ -22,21 +22,9 @@ from mcn.data.prepare import make_batches, prepare_data
 from mcn.engine import CsvReport, cosine_schedule, evaluate, write_json
 from mcn.errors import ConfigError
 from mcn.models import create_expert
+from mcn.optim import build_optimizer
 from mcn.recipes.common import EpochLoop, RunLogger, absolute_paths, log, require_positive, resolved
 from mcn.runtime import Runtime, seed_everything
-
-
-def expert_optimizer(model: torch.nn.Module, p: DictConfig, fused: bool) -> torch.optim.Optimizer:
-    decay = [q for q in model.parameters() if q.dim() >= 2]
-    no_decay = [q for q in model.parameters() if q.dim() < 2]
-    groups = [{"params": decay, "weight_decay": p.weight_decay, "role": "lr"},
-              {"params": no_decay, "weight_decay": 0.0, "role": "lr"}]
-    extra = {"fused": True} if fused else {}
-    if p.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0, **extra)
-    if p.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=p.lr, **extra)
-    raise ConfigError(f"unknown pretrain.optimizer {p.optimizer!r}; use sgd or adamw")
 
 
 def randaugment(spec) -> object | None:
@@ -75,7 +63,9 @@ class ExpertRecipe:
                                           uint8_transform=randaugment(p.randaugment))
         self.val_batches = make_batches(self.data.part(f"expert_{self.index}_val_indices"), self.data, cfg, self.runtime, False, 0)
         self.test_batches = make_batches(self.data.test, self.data, cfg, self.runtime, False, 0)
-        self.optimizer = expert_optimizer(self.model, p, self.runtime.fused_optimizer)
+        self.optimizer = build_optimizer(p.optimizer, [("lr", p.lr, self.model.parameters())], p.weight_decay,
+                                         momentum=p.momentum, fused=True if self.runtime.fused_optimizer else None,
+                                         config_key="pretrain.optimizer")
         steps = len(self.train_batches)
         self.scheduler = cosine_schedule(self.optimizer, p.epochs * steps, p.min_lr_ratio, p.warmup_epochs * steps)
         self.mix_rng = torch.Generator().manual_seed(cfg.seed + self.index)
