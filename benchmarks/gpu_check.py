@@ -1,6 +1,6 @@
 """One short lent-GPU session (< 8 minutes with warm-up): correctness first, then throughput.
 
-    python benchmarks/gpu_check.py                  # on the GPU: 4 x WRN-28-10 at 32x32, synthetic data made on the device
+    python benchmarks/gpu_check.py                  # on the GPU: 4 x WRN-28-10 at 32x32, synthetic data on the device
     python benchmarks/gpu_check.py --tiny           # a CPU self-test of this script (wrn10_1, few steps)
 
 1. Correctness: the same model, data and seed trained for `--steps` steps in fp32 eager and in
@@ -11,6 +11,7 @@
    and what a 100-epoch job on a 10k-image holdout would take at that rate.
 Writes benchmarks/results/gpu_check.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import throughput  # noqa: E402  (the sibling benchmark)
+from mcn.runtime import Runtime
 
-from mcn.runtime import Runtime  # noqa: E402
+import throughput
 
 
 def synthetic_task(classes: int, size: int, device: torch.device, seed: int = 0):
@@ -47,7 +48,10 @@ def loss_curve(runtime: Runtime, preset: str, steps: int, batch: int, classes: i
 
 
 def smooth(values: list[float], window: int = 10) -> list[float]:
-    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+    return [
+        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+        for i in range(len(values))
+    ]
 
 
 def main(argv=None) -> int:
@@ -59,34 +63,103 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tiny = args.tiny
     device = torch.device("cpu" if tiny else "cuda")
-    preset, batch, classes, size, steps = ("wrn10_1", 32, 10, 16, min(args.steps, 30)) if tiny else ("wrn28_10", 128, 100, 32, args.steps)
+    preset, batch, classes, size, steps = (
+        ("wrn10_1", 32, 10, 16, min(args.steps, 30)) if tiny else ("wrn28_10", 128, 100, 32, args.steps)
+    )
     t0 = time.time()
-    fp32 = loss_curve(Runtime(device, False, False, False, False, True), preset, steps, batch, classes, size)
-    fast_runtime = Runtime(device, True, not tiny, not tiny, not tiny, True)
+    fp32 = loss_curve(
+        Runtime(
+            device=device, bf16=False, channels_last=False, compile=False, fused_optimizer=False, data_on_device=True
+        ),
+        preset,
+        steps,
+        batch,
+        classes,
+        size,
+    )
+    fast_runtime = Runtime(
+        device=device,
+        bf16=True,
+        channels_last=not tiny,
+        compile=not tiny,
+        fused_optimizer=not tiny,
+        data_on_device=True,
+    )
     fast = loss_curve(fast_runtime, preset, steps, batch, classes, size)
     a, b = smooth(fp32), smooth(fast)
     gap = sum(abs(x - y) for x, y in zip(a, b)) / len(a) / (sum(a) / len(a))
     min_drop = 0.01 if tiny else 0.1  # the CPU self-test runs too few steps to learn much
     falls = a[-1] < a[0] * (1 - min_drop) and b[-1] < b[0] * (1 - min_drop)
     ok = gap <= args.tolerance and falls
-    print(f"correctness ({steps} steps, {preset}): fp32 loss {a[0]:.3f} -> {a[-1]:.3f}, "
-          f"{fast_runtime.describe()} loss {b[0]:.3f} -> {b[-1]:.3f}; mean relative gap {gap:.4f} "
-          f"(tolerance {args.tolerance}) -> {'PASS' if ok else 'FAIL'} [{time.time() - t0:.0f}s]", flush=True)
-    bench_args = ["--device", str(device), "--experts", preset, "--json", str(Path(args.json).with_name("gpu_throughput.json"))]
+    print(
+        f"correctness ({steps} steps, {preset}): fp32 loss {a[0]:.3f} -> {a[-1]:.3f}, "
+        f"{fast_runtime.describe()} loss {b[0]:.3f} -> {b[-1]:.3f}; mean relative gap {gap:.4f} "
+        f"(tolerance {args.tolerance}) -> {'PASS' if ok else 'FAIL'} [{time.time() - t0:.0f}s]",
+        flush=True,
+    )
+    bench_args = [
+        "--device",
+        str(device),
+        "--experts",
+        preset,
+        "--json",
+        str(Path(args.json).with_name("gpu_throughput.json")),
+    ]
     if tiny:
-        bench_args += ["--fusions", "multiplicative", "--knobs", "fp32", "bf16", "--steps", "3", "--warmup", "1", "--size", "16",
-                       "--rounds", "1"]
+        bench_args += [
+            "--fusions",
+            "multiplicative",
+            "--knobs",
+            "fp32",
+            "bf16",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--size",
+            "16",
+            "--rounds",
+            "1",
+        ]
     else:
-        bench_args += ["--fusions", "multiplicative", "TransformerBase", "--batch", "128", "--steps", "30", "--warmup", "5",
-                       "--knobs", "fp32", "bf16+cl", "bf16+cl+compile", "--rounds", "2"]
+        bench_args += [
+            "--fusions",
+            "multiplicative",
+            "TransformerBase",
+            "--batch",
+            "128",
+            "--steps",
+            "30",
+            "--warmup",
+            "5",
+            "--knobs",
+            "fp32",
+            "bf16+cl",
+            "bf16+cl+compile",
+            "--rounds",
+            "2",
+        ]
     rows = throughput.main(bench_args)
     best = max(rows, key=lambda r: r["images_per_s"])
     job_min = 100 * 10_000 / best["images_per_s"] / 60
-    print(f"a 100-epoch fusion job on a 10k-image holdout at {best['images_per_s']} images/s ({best['knobs']}): "
-          f"{job_min:.1f} min of training steps")
+    print(
+        f"a 100-epoch fusion job on a 10k-image holdout at {best['images_per_s']} images/s ({best['knobs']}): "
+        f"{job_min:.1f} min of training steps"
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"correct": ok, "gap": gap, "fp32_loss": fp32, "fast_loss": fast,
-                                           "throughput": rows, "job_100_epochs_min": job_min}, indent=2))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "correct": ok,
+                "gap": gap,
+                "fp32_loss": fp32,
+                "fast_loss": fast,
+                "throughput": rows,
+                "job_100_epochs_min": job_min,
+            },
+            indent=2,
+        )
+    )
     return 0 if ok else 1
 
 

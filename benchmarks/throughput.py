@@ -5,11 +5,12 @@
 
 For each (expert preset, fusion type, knobs) it times `--steps` training steps after `--warmup`:
 - framework: `TensorBatches` (uint8 set on the device, crop + flip there) feeding
-  `mcn.engine.train_epoch` (dual-path loss, clipping, cosine schedule, on-device metrics);
+  `mcn.loop.train_epoch` (dual-path loss, clipping, cosine schedule, on-device metrics);
 - bare: the same model, optimiser, batch and loss in a plain `for` loop over pre-made float batches.
 Framework and bare timings alternate over `--rounds` rounds and the medians are compared.
 Prints a table (images/s, a 10k-image epoch in seconds, framework overhead, MFU on GPU) and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mcn.data.loader import TensorBatches
-from mcn.engine import cosine_schedule, stacked_logits, train_epoch, weighted_cross_entropy
+from mcn.loop import Objective, stacked_logits, train_epoch, weighted_cross_entropy
 from mcn.models import MCN, create_expert, create_fusion
+from mcn.optim import cosine_schedule
 from mcn.runtime import Runtime
 
 
@@ -33,7 +35,9 @@ def build(preset: str, fusion: str, k: int, classes: int, runtime: Runtime):
     experts = [create_expert(preset, classes, 3) for _ in range(k)]
     model = MCN(experts, create_fusion(fusion, k, experts[0].num_features), classes)
     forward = runtime.prepare(model)
-    opt = model.configure_optimizers("adamw", 1e-4, 1e-3, 1e-4, fused=True if runtime.fused_optimizer else None)
+    opt = model.configure_optimizers(
+        {"name": "adamw", "weight_decay": 1e-4}, 1e-4, 1e-3, fused=True if runtime.fused_optimizer else None
+    )
     return model, forward, opt
 
 
@@ -43,14 +47,23 @@ def sync(device: torch.device) -> None:
 
 
 def time_framework(forward, opt, runtime, images, labels, batch, steps, k):
-    weights = torch.ones(k + 1, device=runtime.device)
-    names = ["global"] + [f"expert_{i}" for i in range(k)]
+    objective = Objective.dual_path(k, alpha=1.0, device=runtime.device)
     sched = cosine_schedule(opt, 10**6, 0.1)
-    batches = TensorBatches(images, labels, batch, [0.5] * 3, [0.25] * 3, train=True, crop_padding=4, flip=True,
-                            channels_last=runtime.channels_last, device=runtime.device)
+    batches = TensorBatches(
+        images,
+        labels,
+        batch,
+        [0.5] * 3,
+        [0.25] * 3,
+        train=True,
+        crop_padding=4,
+        flip=True,
+        channels_last=runtime.channels_last,
+        device=runtime.device,
+    )
     sync(runtime.device)
     start = time.perf_counter()
-    train_epoch(forward, itertools.islice(iter(batches), steps), weights, names, opt, sched, runtime, 1.0)
+    train_epoch(forward, itertools.islice(iter(batches), steps), objective, opt, sched, runtime, grad_clip=1.0)
     sync(runtime.device)
     return time.perf_counter() - start
 
@@ -108,7 +121,9 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--experts", nargs="+", default=["wrn10_1", "wrn16_4"])
-    p.add_argument("--fusions", nargs="+", default=["multiplicative", "concatenation", "multiplicativeAddition", "TransformerBase"])
+    p.add_argument(
+        "--fusions", nargs="+", default=["multiplicative", "concatenation", "multiplicativeAddition", "TransformerBase"]
+    )
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--size", type=int, default=32)
@@ -116,12 +131,18 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="interleaved framework/bare timings; medians are reported")
-    p.add_argument("--knobs", nargs="+", default=None,
-                   help="combinations to time, e.g. fp32 bf16 bf16+cl bf16+cl+compile (default: per device)")
+    p.add_argument(
+        "--knobs",
+        nargs="+",
+        default=None,
+        help="combinations to time, e.g. fp32 bf16 bf16+cl bf16+cl+compile (default: per device)",
+    )
     p.add_argument("--json", default="benchmarks/results/throughput.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    knob_sets = args.knobs or (["fp32", "bf16", "bf16+cl+compile"] if device.type == "cuda" else ["fp32", "bf16", "bf16+cl"])
+    knob_sets = args.knobs or (
+        ["fp32", "bf16", "bf16+cl+compile"] if device.type == "cuda" else ["fp32", "bf16", "bf16+cl"]
+    )
     peak = measured_bf16_tflops(device) if device.type == "cuda" else None
     n_images = max(args.batch * args.steps, 1024)
     g = torch.Generator().manual_seed(0)
@@ -130,19 +151,39 @@ def main(argv=None) -> list[dict]:
     rows = []
     for preset, fusion, knobs in itertools.product(args.experts, args.fusions, knob_sets):
         on = set(knobs.split("+"))
-        runtime = Runtime(device, bf16="bf16" in on, channels_last="cl" in on, compile="compile" in on,
-                          fused_optimizer=device.type == "cuda", data_on_device=True)
+        runtime = Runtime(
+            device=device,
+            bf16="bf16" in on,
+            channels_last="cl" in on,
+            compile="compile" in on,
+            fused_optimizer=device.type == "cuda",
+            data_on_device=True,
+        )
         model, forward, opt = build(preset, fusion, args.num_experts, args.classes, runtime)
-        time_bare(forward, model, opt, runtime, images, labels, args.batch, args.warmup, args.num_experts)  # warm-up (and compile)
-        # interleaved rounds, median of each: this VM's speed drifts by tens of percent over a minute
-        rounds = [(time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, args.num_experts),
-                   time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, args.num_experts))
-                  for _ in range(args.rounds)]
+        time_bare(
+            forward, model, opt, runtime, images, labels, args.batch, args.warmup, args.num_experts
+        )  # warm-up (and compile)
+        # interleaved rounds, median of each: a shared VM's speed drifts by tens of percent over a minute
+        rounds = [
+            (
+                time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, args.num_experts),
+                time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, args.num_experts),
+            )
+            for _ in range(args.rounds)
+        ]
         framework, bare = (statistics.median(r[i] for r in rounds) for i in (0, 1))
         ips = args.batch * args.steps / framework
-        row = {"device": str(device), "experts": f"{args.num_experts}x{preset}", "fusion": fusion, "knobs": knobs,
-               "batch": args.batch, "images_per_s": round(ips, 1), "bare_images_per_s": round(args.batch * args.steps / bare, 1),
-               "overhead_pct": round(100 * (framework - bare) / bare, 1), "epoch_10k_s": round(10_000 / ips, 2)}
+        row = {
+            "device": str(device),
+            "experts": f"{args.num_experts}x{preset}",
+            "fusion": fusion,
+            "knobs": knobs,
+            "batch": args.batch,
+            "images_per_s": round(ips, 1),
+            "bare_images_per_s": round(args.batch * args.steps / bare, 1),
+            "overhead_pct": round(100 * (framework - bare) / bare, 1),
+            "epoch_10k_s": round(10_000 / ips, 2),
+        }
         if peak:
             row["mfu_pct"] = round(100 * train_flops_per_image(model, runtime, args.size) * ips / (peak * 1e12), 1)
             row["peak_bf16_tflops"] = round(peak, 1)

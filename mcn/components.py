@@ -1,4 +1,4 @@
-"""Load, mix and evaluate the components a fusion run saved (the guide's `load_independent_components.py`).
+"""Load, mix and evaluate the components a fusion run saved (docs/reference.md §4: load_independent_components).
 
     python -m mcn.components --checkpoint_dir RUN --action list
     python -m mcn.components --checkpoint_dir RUN --action reconstruct --fusion_type multiplicative [--num_experts 1]
@@ -14,10 +14,10 @@ From Python:
 
 Every file is loaded without running code from it, and must be what its name says it is.
 """
+
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,22 +25,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mcn.checkpoint import load_checkpoint, load_weights
+from mcn.cli import one_line_errors
 from mcn.data.prepare import make_batches, prepare_data
-from mcn.engine import evaluate
 from mcn.errors import CheckpointError, MCNError
+from mcn.files import COMPONENT_PATTERNS, FusionRunFiles, load_checkpoint, load_weights
+from mcn.loop import Objective, evaluate
 from mcn.models import MCN, build_expert, build_fusion, build_mcn
-from mcn.recipes.common import one_line_errors
 from mcn.runtime import Runtime
-
-# file name -> (component, fusion type, expert index, epoch) as the name claims them
-_NAMES = [
-    ("expert", re.compile(r"^experts/expert_(?P<index>\d+)_epoch_(?P<epoch>\d+)\.pth$")),
-    ("fusion", re.compile(r"^fusion/fusion_(?P<type>\w+?)_epoch_(?P<epoch>\d+)\.pth$")),
-    ("global_head", re.compile(r"^global/global_head_epoch_(?P<epoch>\d+)\.pth$")),
-    ("complete", re.compile(r"^complete_fusion_(?P<type>\w+?)_epoch_(?P<epoch>\d+)\.pth$")),
-    ("complete", re.compile(r"^best_complete_fusion_(?P<type>\w+)\.pth$")),
-]
 
 
 @dataclass
@@ -55,13 +46,17 @@ class Component:
     best: bool
 
 
-def load_component(path: Path, kind: str, epoch: int | None = None, fusion_type: str | None = None,
-                   index: int | None = None) -> dict:
+def load_component(
+    path: Path, kind: str, epoch: int | None = None, fusion_type: str | None = None, index: int | None = None
+) -> dict:
     """Load a component file and refuse it unless its contents are what it claims to be."""
     ckpt = load_checkpoint(path, component=kind)
     for field, claimed in (("epoch", epoch), ("fusion_type", fusion_type), ("index", index)):
         if claimed is not None and ckpt.get(field) != claimed:
-            raise CheckpointError(f"{path} claims {field} {claimed} by its name but holds {field} {ckpt.get(field)}; it was renamed or mixed up")
+            raise CheckpointError(
+                f"{path} claims {field} {claimed} by its name but holds {field} {ckpt.get(field)}; "
+                f"it was renamed or mixed up"
+            )
     return ckpt
 
 
@@ -72,7 +67,7 @@ def list_components(checkpoint_dir: str | Path) -> list[Component]:
     found = []
     for path in sorted(root.rglob("*.pth")):
         rel = path.relative_to(root).as_posix()
-        for kind, pattern in _NAMES:
+        for kind, pattern in COMPONENT_PATTERNS:
             match = pattern.match(rel)
             if match:
                 claims = match.groupdict()
@@ -81,8 +76,18 @@ def list_components(checkpoint_dir: str | Path) -> list[Component]:
                 ckpt = load_component(path, kind, epoch=epoch, fusion_type=claims.get("type"), index=index)
                 metrics = ckpt.get("metrics", {})  # an expert's own head, else the global one, on validation
                 metric = metrics.get(f"expert_{index}_accuracy" if kind == "expert" else "global_accuracy")
-                found.append(Component(kind, path, ckpt["epoch"], ckpt.get("fusion_type"), ckpt.get("index"), metric,
-                                       path.stat().st_size / 2**20, rel.startswith("best_")))
+                found.append(
+                    Component(
+                        kind,
+                        path,
+                        ckpt["epoch"],
+                        ckpt.get("fusion_type"),
+                        ckpt.get("index"),
+                        metric,
+                        path.stat().st_size / 2**20,
+                        rel.startswith("best_"),
+                    )
+                )
                 break
     if not found:
         raise CheckpointError(f"no mcn component files under {root}; point --checkpoint_dir at a fusion run's folder")
@@ -101,20 +106,23 @@ def _pick_type(checkpoint_dir: Path, fusion_type: str | None) -> str:
             raise MCNError(f"{checkpoint_dir} holds fusion types {types}; choose one with --fusion_type")
         return types[0]
     if fusion_type not in types:
-        raise CheckpointError(f"no files for fusion type {fusion_type!r} in {checkpoint_dir}; it holds {types or 'none'}")
+        raise CheckpointError(
+            f"no files for fusion type {fusion_type!r} in {checkpoint_dir}; it holds {types or 'none'}"
+        )
     return fusion_type
 
 
 def best_epoch(checkpoint_dir: str | Path, fusion_type: str) -> int:
-    path = Path(checkpoint_dir) / f"best_complete_fusion_{fusion_type}.pth"
+    path = FusionRunFiles(Path(checkpoint_dir), fusion_type).complete()
     return load_component(path, "complete", fusion_type=fusion_type)["epoch"]
 
 
-def _file(checkpoint_dir: Path, rel: str, what: str, epoch: int) -> Path:
-    path = checkpoint_dir / rel
+def _file(checkpoint_dir: Path, path: Path, what: str, epoch: int | None) -> Path:
     if not path.is_file():
         saved = sorted({c.epoch for c in list_components(checkpoint_dir) if c.kind == what})
-        raise CheckpointError(f"no {what} saved at epoch {epoch} in {checkpoint_dir} ({path.name} missing); saved epochs: {saved}")
+        raise CheckpointError(
+            f"no {what} saved at epoch {epoch} in {checkpoint_dir} ({path.name} missing); saved epochs: {saved}"
+        )
     return path
 
 
@@ -130,16 +138,24 @@ class ExpertEnsemble(nn.Module):
         return expert_logits.float().mean(0), expert_logits
 
 
-def reconstruct(checkpoint_dir: str | Path, fusion_type: str | None = None, num_experts: int | None = None,
-                epoch: int | None = None, expert_epochs: list[int] | None = None, fusion_epoch: int | None = None,
-                global_epoch: int | None = None, fusion_file: str | Path | None = None,
-                global_file: str | Path | None = None) -> tuple[nn.Module, str]:
+def reconstruct(
+    checkpoint_dir: str | Path,
+    fusion_type: str | None = None,
+    num_experts: int | None = None,
+    epoch: int | None = None,
+    expert_epochs: list[int] | None = None,
+    fusion_epoch: int | None = None,
+    global_epoch: int | None = None,
+    fusion_file: str | Path | None = None,
+    global_file: str | Path | None = None,
+) -> tuple[nn.Module, str]:
     """Build the MCN from separate component files. Every component comes from `epoch` (default: the best
     epoch) unless another epoch or file is named for it. With `num_experts` below the number trained,
     the first experts are evaluated alone (their logit average), since the fusion needs all of them."""
     root = Path(checkpoint_dir)
     fusion_type = _pick_type(root, fusion_type)
     epoch = best_epoch(root, fusion_type) if epoch is None else epoch
+    files = FusionRunFiles(root, fusion_type)
     trained = len({c.index for c in list_components(root) if c.kind == "expert"})
     k = trained if num_experts is None else num_experts
     if not 1 <= k <= trained:
@@ -149,33 +165,47 @@ def reconstruct(checkpoint_dir: str | Path, fusion_type: str | None = None, num_
         raise MCNError(f"--expert_epochs names {len(expert_epochs)} epochs for {trained} experts")
     experts = []
     for i in range(k):
-        path = _file(root, f"experts/expert_{i}_epoch_{expert_epochs[i]}.pth", "expert", expert_epochs[i])
+        path = _file(root, files.expert(i, expert_epochs[i]), "expert", expert_epochs[i])
         ckpt = load_component(path, "expert", epoch=expert_epochs[i], index=i)
         expert = build_expert(ckpt["architecture"])
         load_weights(expert, ckpt["state_dict"], path, f"expert {i}")
         experts.append(expert)
     if k < trained:
-        what = "expert 0 alone with its own head" if k == 1 else f"experts 0..{k - 1} with their own heads (logit average)"
-        return ExpertEnsemble(experts).eval(), f"{what}, epoch {expert_epochs[:k]}; the fusion module needs all {trained} experts"
+        what = (
+            "expert 0 alone with its own head" if k == 1 else f"experts 0..{k - 1} with their own heads (logit average)"
+        )
+        return ExpertEnsemble(
+            experts
+        ).eval(), f"{what}, epoch {expert_epochs[:k]}; the fusion module needs all {trained} experts"
 
     fusion_epoch = epoch if fusion_epoch is None else fusion_epoch
     global_epoch = epoch if global_epoch is None else global_epoch
-    fusion_path = Path(fusion_file) if fusion_file else _file(root, f"fusion/fusion_{fusion_type}_epoch_{fusion_epoch}.pth", "fusion", fusion_epoch)
-    fusion_ckpt = load_component(fusion_path, "fusion", epoch=None if fusion_file else fusion_epoch,
-                                 fusion_type=None if fusion_file else fusion_type)
+    fusion_path = Path(fusion_file) if fusion_file else _file(root, files.fusion(fusion_epoch), "fusion", fusion_epoch)
+    fusion_ckpt = load_component(
+        fusion_path,
+        "fusion",
+        epoch=None if fusion_file else fusion_epoch,
+        fusion_type=None if fusion_file else fusion_type,
+    )
     arch = fusion_ckpt["architecture"]
     width = experts[0].num_features
     if (arch["num_experts"], arch["input_dim"]) != (k, width):
-        raise CheckpointError(f"fusion module {fusion_path} takes {arch['num_experts']} experts of width {arch['input_dim']}; "
-                              f"these are {k} experts of width {width}")
+        raise CheckpointError(
+            f"fusion module {fusion_path} takes {arch['num_experts']} experts of width {arch['input_dim']}; "
+            f"these are {k} experts of width {width}"
+        )
     fusion = build_fusion(arch)
     load_weights(fusion, fusion_ckpt["state_dict"], fusion_path, f"{arch['name']} fusion module")
-    head_path = Path(global_file) if global_file else _file(root, f"global/global_head_epoch_{global_epoch}.pth", "global_head", global_epoch)
+    head_path = (
+        Path(global_file) if global_file else _file(root, files.global_head(global_epoch), "global_head", global_epoch)
+    )
     head_ckpt = load_component(head_path, "global_head", epoch=None if global_file else global_epoch)
     classes = experts[0].classifier.out_features
     if head_ckpt["architecture"] != {"in_features": width, "num_classes": classes}:
-        raise CheckpointError(f"global head {head_path} is {head_ckpt['architecture']}; these experts need "
-                              f"{{'in_features': {width}, 'num_classes': {classes}}}")
+        raise CheckpointError(
+            f"global head {head_path} is {head_ckpt['architecture']}; these experts need "
+            f"{{'in_features': {width}, 'num_classes': {classes}}}"
+        )
     model = MCN(experts, fusion, classes)
     load_weights(model.global_head, head_ckpt["state_dict"], head_path, "global head")
     sources = {"experts": expert_epochs, "fusion": fusion_ckpt["epoch"], "global head": head_ckpt["epoch"]}
@@ -189,8 +219,7 @@ def reconstruct(checkpoint_dir: str | Path, fusion_type: str | None = None, num_
 def load_complete(checkpoint_dir: str | Path, fusion_type: str | None = None, epoch: int | None = None) -> MCN:
     root = Path(checkpoint_dir)
     fusion_type = _pick_type(root, fusion_type)
-    rel = f"best_complete_fusion_{fusion_type}.pth" if epoch is None else f"complete_fusion_{fusion_type}_epoch_{epoch}.pth"
-    path = _file(root, rel, "complete", epoch)
+    path = _file(root, FusionRunFiles(root, fusion_type).complete(epoch), "complete", epoch)
     ckpt = load_component(path, "complete", epoch=epoch, fusion_type=fusion_type)
     model = build_mcn(ckpt["architecture"])
     load_weights(model, ckpt["state_dict"], path, "complete model")
@@ -208,9 +237,8 @@ def evaluate_model(model: nn.Module, checkpoint_dir: str | Path, split: str = "t
     if split not in images:
         raise MCNError(f"--split {split!r}: choose test, val or train")
     forward = runtime.prepare(model)
-    k = len(model.experts)
-    return evaluate(forward, make_batches(images[split], data, cfg, runtime, False, 0), torch.ones(k + 1, device=runtime.device),
-                    ["global"] + [f"expert_{i}" for i in range(k)], runtime)
+    objective = Objective.dual_path(len(model.experts), alpha=1.0, device=runtime.device)
+    return evaluate(forward, make_batches(images[split], data, cfg, runtime, train=False), objective, runtime)
 
 
 def _epochs(text: str | None) -> list[int] | None:
@@ -237,13 +265,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'kind':<12} {'index':>5} {'fusion type':<24} {'epoch':>5} {'val acc':>8} {'MB':>8}  file")
             for c in rows:
                 acc = "" if c.val_accuracy is None else f"{c.val_accuracy:.4f}"
-                print(f"{c.kind:<12} {'' if c.index is None else c.index:>5} {c.fusion_type or '':<24} {c.epoch:>5} "
-                      f"{acc:>8} {c.size_mb:>8.2f}  {c.path.relative_to(args.checkpoint_dir)}")
+                print(
+                    f"{c.kind:<12} {'' if c.index is None else c.index:>5} {c.fusion_type or '':<24} {c.epoch:>5} "
+                    f"{acc:>8} {c.size_mb:>8.2f}  {c.path.relative_to(args.checkpoint_dir)}"
+                )
             return 0
         if args.action == "reconstruct":
-            model, note = reconstruct(args.checkpoint_dir, args.fusion_type, args.num_experts, args.epoch,
-                                      _epochs(args.expert_epochs), args.fusion_epoch, args.global_epoch,
-                                      args.fusion_file, args.global_file)
+            model, note = reconstruct(
+                args.checkpoint_dir,
+                args.fusion_type,
+                args.num_experts,
+                args.epoch,
+                _epochs(args.expert_epochs),
+                args.fusion_epoch,
+                args.global_epoch,
+                args.fusion_file,
+                args.global_file,
+            )
             print(note)
         else:
             model = load_complete(args.checkpoint_dir, args.fusion_type, args.epoch)

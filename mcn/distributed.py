@@ -4,6 +4,7 @@ One process per task (`hydra.launcher.tasks_per_node` x `nodes`); NCCL on GPUs, 
 `trainer.batch_size` is per process (the global batch is batch_size x world size) and the
 learning rates are used as given. Only rank 0 writes files and logs progress.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +31,9 @@ def from_environment() -> DistInfo:
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return DistInfo(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0)))
+        return DistInfo(
+            int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
+        )
     return DistInfo()
 
 
@@ -51,10 +54,6 @@ def setup(cuda: bool) -> DistInfo:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def is_main() -> bool:

@@ -1,30 +1,33 @@
-"""Compare every fusion run of a sweep (the guide's `evaluate_fusions.py`).
+"""Compare every fusion run of a sweep (the guide's `evaluate_fusions.py`, docs/reference.md §4).
 
     python -m mcn.evaluate outputs/multirun/2026-11-27/10-00-00 [--output_file fusion_performance_summary.csv]
 
 Writes the CSV, the same table as Markdown (`.md`), and two PNG figures beside it:
 validation accuracy per epoch for every fusion type, and test accuracy per method (each fusion,
-and, when the experts were pretrained, the mean pretrained expert and their logit average). Runs without results are listed as running or failed.
+and, when the experts were pretrained, the mean pretrained expert and their logit average).
+Runs without results are listed as running or failed.
 """
+
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
+from mcn.cli import one_line_errors
 from mcn.errors import MCNError
-from mcn.recipes.common import one_line_errors
-from mcn.report import collect_runs, markdown_table, write_summary
+from mcn.files import FusionRunFiles, read_csv
+from mcn.reports import collect_runs, markdown_table, write_summary
 
 
 def _val_curves(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     curves = {}
     for row in rows:
-        report = Path(row["folder"]) / f"fusion_{row['fusion_type']}_report.csv"
+        report = FusionRunFiles(Path(row["folder"]), row["fusion_type"]).report
         if report.exists():
-            with open(report, newline="") as f:
-                val = [r for r in csv.DictReader(f) if r["phase"] == "val"]
-            label = row["fusion_type"] if row["fusion_type"] not in curves else f"{row['fusion_type']} ({row['folder']})"
+            val = [r for r in read_csv(report) if r["phase"] == "val"]
+            label = (
+                row["fusion_type"] if row["fusion_type"] not in curves else f"{row['fusion_type']} ({row['folder']})"
+            )
             curves[label] = ([int(r["epoch"]) for r in val], [float(r["global_accuracy"]) for r in val])
     return curves
 
@@ -35,7 +38,10 @@ def plot(rows: list[dict], prefix: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves_png, bars_png = prefix.with_name(prefix.name + "_val_accuracy.png"), prefix.with_name(prefix.name + "_test_accuracy.png")
+    curves_png, bars_png = (
+        prefix.with_name(prefix.name + "_val_accuracy.png"),
+        prefix.with_name(prefix.name + "_test_accuracy.png"),
+    )
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, (epochs, acc) in _val_curves(rows).items():
         ax.plot(epochs, acc, marker=".", label=label)
@@ -76,12 +82,27 @@ def main(argv: list[str] | None = None) -> int:
             raise MCNError(f"sweep folder {sweep} does not exist")
         rows = collect_runs(sweep)
         if not rows:
-            raise MCNError(f"no fusion runs under {sweep} (no fusion_*_report.csv); point at a sweep or pipeline folder")
+            raise MCNError(
+                f"no fusion runs under {sweep} (no fusion_*_report.csv); point at a sweep or pipeline folder"
+            )
         output = Path(args.output_file) if args.output_file else sweep / "fusion_performance_summary.csv"
         csv_path, md_path = write_summary(rows, output)
         figures = plot(rows, output.with_suffix(""))
-        print(markdown_table(rows, ["fusion_type", "status", "best_epoch", "val_accuracy", "test_accuracy",
-                                    "ensemble_test_accuracy", "oracle_test_accuracy", "expert_test_accuracy"]))
+        print(
+            markdown_table(
+                rows,
+                [
+                    "fusion_type",
+                    "status",
+                    "best_epoch",
+                    "val_accuracy",
+                    "test_accuracy",
+                    "ensemble_test_accuracy",
+                    "oracle_test_accuracy",
+                    "expert_test_accuracy",
+                ],
+            )
+        )
         print("wrote " + ", ".join(str(p) for p in (csv_path, md_path, *figures)))
         return 0
 

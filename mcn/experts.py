@@ -1,11 +1,13 @@
-"""Expert pretraining entrypoint: `python -m mcn.experts [-m] expert.index=0,1,2,3` (one expert per job)."""
+"""Expert pretraining entrypoint: `python -m mcn.experts [-m] pretrain.index=0,1,2,3` (one expert per job)."""
+
 from __future__ import annotations
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mcn.recipes.common import one_line_errors, run_recipe
+from mcn.cli import one_line_errors
+from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
 
 

@@ -7,6 +7,7 @@ Experts already in `paths.experts_dir` for this split and architecture are reuse
 `pipeline.retrain_experts=true`. Every stage composes the same config tree with the command
 line's overrides, so `mcn.experts` / `mcn.train` on Slurm give the same runs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,42 +17,63 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mcn.checkpoint import load_checkpoint
-from mcn.data.prepare import prepare_data
+from mcn.cli import log, one_line_errors
+from mcn.data.prepare import PreparedData, prepare_data
 from mcn.errors import MCNError
-from mcn.recipes.common import log, one_line_errors, run_recipe
-from mcn.recipes.expert import ExpertRecipe
+from mcn.files import load_file, pretrained_expert_path
+from mcn.models import create_expert
+from mcn.recipes import run_recipe
+from mcn.recipes.expert import ExpertRecipe, check_pretrained_expert
 from mcn.recipes.fusion import FusionRecipe
-from mcn.report import collect_runs, markdown_table, write_summary
+from mcn.reports import collect_runs, markdown_table, write_summary
 
 
-def expert_is_current(path: Path, split_hash: str, preset: str) -> bool:
+def expert_is_current(path: Path, index: int, cfg: DictConfig, data: PreparedData) -> bool:
+    """Whether the fusion stage would accept this file (`check_pretrained_expert`), so it need not be retrained."""
+    expert = create_expert(cfg.expert.preset, data.train.num_classes, data.train.in_channels)
     try:
-        ckpt = load_checkpoint(path, component="expert")
+        check_pretrained_expert(
+            load_file(path), path, index, {"preset": cfg.expert.preset, **expert.architecture}, data.split
+        )
     except MCNError:
         return False
-    return ckpt.get("split_hash") == split_hash and ckpt["architecture"].get("preset") == preset
+    return True
 
 
 def run_pipeline(cfg: DictConfig, overrides: list[str], output_dir: str | Path) -> list[dict]:
     out = Path(output_dir)
-    split = prepare_data(cfg).split
-    log.info("split %s in %s", split.hash, split.directory)
+    data = prepare_data(cfg)
+    log.info("split %s in %s", data.split.hash, data.split.directory)
     experts_dir = Path(cfg.paths.experts_dir).resolve()
     for i in range(cfg.experts.num):
-        path = experts_dir / cfg.experts.filename.format(index=i)
-        if not cfg.pipeline.retrain_experts and expert_is_current(path, split.hash, cfg.expert.preset):
+        path = pretrained_expert_path(experts_dir, cfg.experts.filename, i)
+        if not cfg.pipeline.retrain_experts and expert_is_current(path, i, cfg, data):
             log.info("expert %d: reusing %s", i, path)
             continue
-        run_recipe(ExpertRecipe(compose("train", overrides=[*overrides, f"expert.index={i}"]), out / "experts" / f"expert_{i}"))
+        stage = compose("train", overrides=[*overrides, f"pretrain.index={i}"])
+        run_recipe(ExpertRecipe(stage, out / "experts" / f"expert_{i}"))
     for j, fusion in enumerate(cfg.pipeline.fusions):
         stage = compose("train", overrides=[*overrides, f"fusion={fusion}", f"experts.dir={experts_dir}"])
         run_recipe(FusionRecipe(stage, out / "fusion" / f"{j}_fusion={fusion}"))
     rows = collect_runs(out / "fusion")
     csv_path, md_path = write_summary(rows, out / "summary.csv")
-    log.info("summary (%s, %s):\n%s", csv_path, md_path, markdown_table(
-        rows, ["fusion_type", "best_epoch", "val_accuracy", "test_accuracy", "ensemble_test_accuracy",
-               "expert_test_accuracy", "initial_expert_test_accuracy"]))
+    log.info(
+        "summary (%s, %s):\n%s",
+        csv_path,
+        md_path,
+        markdown_table(
+            rows,
+            [
+                "fusion_type",
+                "best_epoch",
+                "val_accuracy",
+                "test_accuracy",
+                "ensemble_test_accuracy",
+                "expert_test_accuracy",
+                "initial_expert_test_accuracy",
+            ],
+        ),
+    )
     return rows
 
 

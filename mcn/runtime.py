@@ -3,6 +3,7 @@
 `auto` picks the fast path on a GPU (bf16 autocast, channels_last, torch.compile, fused optimiser,
 data resident on the device) and plain fp32 eager on CPU, where compile time dwarfs tiny models.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,7 @@ def _auto(value, default: bool) -> bool:
     return default if value in (None, "auto") else bool(value)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Runtime:
     device: torch.device
     bf16: bool
@@ -32,8 +33,8 @@ class Runtime:
     dist: distributed.DistInfo = distributed.DistInfo()
 
     @classmethod
-    def from_config(cls, trainer, cuda_available: bool | None = None, bf16_supported: bool | None = None) -> "Runtime":
-        """`cuda_available` / `bf16_supported` default to what torch sees (tests pass them to check the GPU defaults)."""
+    def from_config(cls, trainer, cuda_available: bool | None = None, bf16_supported: bool | None = None) -> Runtime:
+        """`cuda_available` / `bf16_supported` default to what torch sees (tests pass them to check GPU defaults)."""
         cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
         want = trainer.device
         if want in (None, "auto"):
@@ -58,8 +59,15 @@ class Runtime:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = not trainer.get("deterministic", False)
-        return cls(device, bf16, _auto(trainer.channels_last, cuda), _auto(trainer.compile, cuda),
-                   _auto(trainer.get("fused_optimizer"), cuda), _auto(trainer.get("data_on_device"), True), dist)
+        return cls(
+            device=device,
+            bf16=bf16,
+            channels_last=_auto(trainer.channels_last, cuda),
+            compile=_auto(trainer.compile, cuda),
+            fused_optimizer=_auto(trainer.get("fused_optimizer"), cuda),
+            data_on_device=_auto(trainer.get("data_on_device"), True),
+            dist=dist,
+        )
 
     def autocast(self):
         if not self.bf16:
@@ -75,16 +83,21 @@ class Runtime:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         return torch.compile(model) if self.compile else model
 
     def describe(self) -> str:
-        return (f"device={self.device} bf16={self.bf16} channels_last={self.channels_last} compile={self.compile} "
-                f"fused_optimizer={self.fused_optimizer} data_on_device={self.data_on_device} threads={torch.get_num_threads()} "
-                f"processes={self.dist.world_size}")
+        return (
+            f"device={self.device} bf16={self.bf16} channels_last={self.channels_last} compile={self.compile} "
+            f"fused_optimizer={self.fused_optimizer} data_on_device={self.data_on_device} "
+            f"threads={torch.get_num_threads()} "
+            f"processes={self.dist.world_size}"
+        )
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,11 +1,13 @@
 """Fusion training entrypoint: `python -m mcn.train [-m] fusion=... trainer.epochs=...`."""
+
 from __future__ import annotations
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mcn.recipes.common import one_line_errors, run_recipe
+from mcn.cli import one_line_errors
+from mcn.recipes import run_recipe
 from mcn.recipes.fusion import FusionRecipe
 
 

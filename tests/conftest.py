@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -12,8 +11,14 @@ CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 # a fusion run small enough for a test: digits, tiny experts, a few epochs
-TINY = ["experiment=quickstart", "logger=none", "trainer.epochs=3", "trainer.save_every=2", "trainer.batch_size=64",
-        "trainer.progress_bar=false"]
+TINY = [
+    "experiment=quickstart",
+    "logger=none",
+    "trainer.epochs=3",
+    "trainer.save_every=2",
+    "trainer.batch_size=64",
+    "trainer.progress_bar=false",
+]
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str] = (), config_name: str = "train") -> DictConfig:
@@ -22,12 +27,29 @@ def compose_cfg(tmp_path: Path, overrides: list[str] = (), config_name: str = "t
         return compose(config_name=config_name, overrides=[*TINY, *paths, *overrides])
 
 
-@pytest.fixture
-def tiny_cfg(tmp_path):
-    return lambda *overrides: compose_cfg(tmp_path, list(overrides))
-
-
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, module: str = "mcn.train") -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def plain_test_predictions(model, cfg: DictConfig):
+    """The model's predictions on the run's test set, computed without mcn's batching and metrics:
+    (global logits [N, C], expert logits [K, N, C], labels [N])."""
+    import torch
+
+    from mcn.data.prepare import prepare_data
+
+    data = prepare_data(cfg)
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    x = (data.test.images.float() / 255 - mean) / std
+    model.eval()
+    with torch.no_grad():
+        outputs = [model(chunk) for chunk in x.split(int(cfg.trainer.batch_size))]
+    return torch.cat([g for g, _ in outputs]), torch.cat([e for _, e in outputs], dim=1), data.test.labels
+
+
+def accuracy(logits, labels) -> float:
+    return round((logits.argmax(-1) == labels).float().mean().item(), 6)

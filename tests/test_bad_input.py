@@ -1,12 +1,14 @@
 """Bad input: one clear line that names the value and the fix; no traceback, no half-written output."""
+
 import pytest
 import torch
 
-from conftest import compose_cfg, run_cli
-from mcn.checkpoint import atomic_save, make_checkpoint
 from mcn.errors import CheckpointError, ConfigError, DataError
+from mcn.files import make_checkpoint, save_torch
 from mcn.models import create_expert
 from mcn.train import run
+
+from conftest import compose_cfg, run_cli
 
 
 def written_checkpoints(out):
@@ -44,7 +46,7 @@ def test_missing_expert_checkpoint_is_one_line_on_the_cli(tmp_path):
     empty.mkdir()
     proc = run_cli(["experiment=quickstart", "logger=none", f"experts.dir={empty}"], tmp_path)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("mcn: error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mcn: error:")]
     assert len(lines) == 1 and "best_wrn_expert_0.pth" in lines[0] and "experts.dir=null" in lines[0]
     assert "Traceback" not in proc.stderr
     assert written_checkpoints(tmp_path / "outputs") == []
@@ -54,28 +56,39 @@ def save_pretrained(directory, preset, k, **fields):
     directory.mkdir(exist_ok=True)
     for i in range(k):
         expert = create_expert(preset, 10, 1)
-        atomic_save(make_checkpoint("expert", expert, {"preset": preset, **expert.architecture}, 5, index=i, **fields),
-                    directory / f"best_wrn_expert_{i}.pth")
+        save_torch(
+            make_checkpoint("expert", expert, {"preset": preset, **expert.architecture}, 5, index=i, **fields),
+            directory / f"best_wrn_expert_{i}.pth",
+        )
 
 
 def test_fewer_checkpoints_than_experts(tmp_path):
     save_pretrained(tmp_path / "experts", "wrn10_1", 2)
-    run_expecting(tmp_path, [f"experts.dir={tmp_path / 'experts'}"], CheckpointError,
-                  r"missing expert checkpoint .*best_wrn_expert_2.pth \(2 of 4 missing\)")
+    run_expecting(
+        tmp_path,
+        [f"experts.dir={tmp_path / 'experts'}"],
+        CheckpointError,
+        r"missing expert checkpoint .*best_wrn_expert_2.pth \(2 of 4 missing\)",
+    )
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
     save_pretrained(tmp_path / "experts", "wrn10_2", 4)
-    run_expecting(tmp_path, [f"experts.dir={tmp_path / 'experts'}"], CheckpointError,
-                  r"'preset': 'wrn10_2'.*set expert=wrn10_2")
+    run_expecting(
+        tmp_path, [f"experts.dir={tmp_path / 'experts'}"], CheckpointError, r"'preset': 'wrn10_2'.*set expert=wrn10_2"
+    )
 
 
 def test_bare_state_dict_of_another_shape(tmp_path):
     (tmp_path / "experts").mkdir()
     for i in range(4):
         torch.save(create_expert("wrn10_2", 10, 1).state_dict(), tmp_path / "experts" / f"best_wrn_expert_{i}.pth")
-    run_expecting(tmp_path, [f"experts.dir={tmp_path / 'experts'}"], CheckpointError,
-                  r"does not fit the configured expert 0 \(wrn10_1\): 1 unexpected keys")
+    run_expecting(
+        tmp_path,
+        [f"experts.dir={tmp_path / 'experts'}"],
+        CheckpointError,
+        r"does not fit the configured expert 0 \(wrn10_1\): 1 unexpected keys",
+    )
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
@@ -83,7 +96,9 @@ def test_corrupt_or_foreign_file(tmp_path, content):
     (tmp_path / "experts").mkdir()
     for i in range(4):
         (tmp_path / "experts" / f"best_wrn_expert_{i}.pth").write_bytes(content)
-    run_expecting(tmp_path, [f"experts.dir={tmp_path / 'experts'}"], CheckpointError, r"cannot read .*best_wrn_expert_0.pth")
+    run_expecting(
+        tmp_path, [f"experts.dir={tmp_path / 'experts'}"], CheckpointError, r"cannot read .*best_wrn_expert_0.pth"
+    )
 
 
 def test_checkpoint_that_is_not_ours(tmp_path):

@@ -1,4 +1,5 @@
 """Components on their own (list / reconstruct / load_complete), safe loading, and the sweep report."""
+
 import csv
 import json
 import os
@@ -6,13 +7,15 @@ import shutil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import compose_cfg
 from mcn import components
-from mcn.checkpoint import load_file
 from mcn.errors import CheckpointError, MCNError
 from mcn.evaluate import main as evaluate_main
+from mcn.files import load_file
 from mcn.train import run
+
+from conftest import accuracy, compose_cfg, plain_test_predictions
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +26,15 @@ def sweep(tmp_path_factory):
     for job, (fusion, seed) in enumerate([("multiplicative", 42), ("multiplicative", 7), ("concatenation", 42)]):
         folder = tmp / "sweep" / f"{job}_fusion={fusion}"
         folder.mkdir(parents=True)
-        runs[job] = (folder, run(compose_cfg(tmp, [f"fusion={fusion}", f"seed={seed}", "trainer.epochs=4"]), str(folder)))
+        runs[job] = (
+            folder,
+            run(compose_cfg(tmp, [f"fusion={fusion}", f"seed={seed}", "trainer.epochs=4"]), str(folder)),
+        )
     return tmp / "sweep", runs
+
+
+def cfg_of(folder):
+    return OmegaConf.create(load_file(next(folder.glob("complete_fusion_*.pth")))["config"])
 
 
 def test_list_finds_every_component_with_its_epoch(sweep):
@@ -36,7 +46,11 @@ def test_list_finds_every_component_with_its_epoch(sweep):
         epochs = sorted(c.epoch for c in found if c.kind == kind and not c.best)
         assert epochs == sorted(saved_epochs * per_epoch)
     best = [c for c in found if c.best]
-    assert len(best) == 1 and best[0].epoch == results["best_epoch"] and best[0].val_accuracy == results["best_val_accuracy"]
+    assert (
+        len(best) == 1
+        and best[0].epoch == results["best_epoch"]
+        and best[0].val_accuracy == results["best_val_accuracy"]
+    )
 
 
 def test_cli_list_prints_a_table(sweep, capsys):
@@ -57,8 +71,16 @@ def test_reconstruct_at_best_epoch_equals_the_recorded_accuracy(sweep):
 
 def test_load_complete_equals_the_recorded_accuracy(sweep, capsys):
     folder, results = sweep[1][0]
-    assert components.evaluate_model(components.load_complete(folder), folder)["global_accuracy"] == results["test_accuracy"]
-    assert components.main(["--checkpoint_dir", str(folder), "--action", "load_complete", "--fusion_type", "multiplicative"]) == 0
+    assert (
+        components.evaluate_model(components.load_complete(folder), folder)["global_accuracy"]
+        == results["test_accuracy"]
+    )
+    assert (
+        components.main(
+            ["--checkpoint_dir", str(folder), "--action", "load_complete", "--fusion_type", "multiplicative"]
+        )
+        == 0
+    )
     assert f"test accuracy: {results['test_accuracy']:.4f}" in capsys.readouterr().out
 
 
@@ -73,7 +95,11 @@ def test_mixed_epochs_only_when_asked_and_said(sweep):
     folder, results = sweep[1][0]
     model, note = components.reconstruct(folder, expert_epochs=[2, 4, 2, 4], fusion_epoch=2, global_epoch=4)
     assert note.startswith("MIXED components") and "experts epoch [2, 4, 2, 4]" in note
-    assert 0 <= components.evaluate_model(model, folder)["global_accuracy"] <= 1
+    for i, epoch in enumerate([2, 4, 2, 4]):  # each expert holds the weights of the epoch asked for
+        saved = load_file(folder / "experts" / f"expert_{i}_epoch_{epoch}.pth")["state_dict"]
+        assert all(torch.equal(v, model.experts[i].state_dict()[k]) for k, v in saved.items())
+    global_logits, _, labels = plain_test_predictions(model, cfg_of(folder))
+    assert components.evaluate_model(model, folder)["global_accuracy"] == accuracy(global_logits, labels)
 
 
 def test_fusion_module_from_another_run_evaluates(sweep):
@@ -82,7 +108,8 @@ def test_fusion_module_from_another_run_evaluates(sweep):
     model, note = components.reconstruct(folder, fusion_file=swapped_file)
     assert "swapped in" in note
     swapped = components.evaluate_model(model, folder)["global_accuracy"]
-    assert 0 <= swapped <= 1
+    global_logits, _, labels = plain_test_predictions(model, cfg_of(folder))
+    assert swapped == accuracy(global_logits, labels)
     own = torch.load(folder / "fusion" / f"fusion_multiplicative_epoch_{results['best_epoch']}.pth", weights_only=True)
     assert not all(torch.equal(v, model.fusion.state_dict()[k]) for k, v in own["state_dict"].items())
 
@@ -112,7 +139,9 @@ def test_bad_requests(sweep, tmp_path):
 def test_truncated_and_renamed_files_are_refused(sweep, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(sweep[1][0][0], folder)
-    shutil.copy(folder / "fusion" / "fusion_multiplicative_epoch_2.pth", folder / "fusion" / "fusion_multiplicative_epoch_4.pth")
+    shutil.copy(
+        folder / "fusion" / "fusion_multiplicative_epoch_2.pth", folder / "fusion" / "fusion_multiplicative_epoch_4.pth"
+    )
     with pytest.raises(CheckpointError, match="claims epoch 4 by its name but holds epoch 2"):
         components.list_components(folder)
     data = (folder / "global" / "global_head_epoch_2.pth").read_bytes()
@@ -148,15 +177,21 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
     failed = sweep_dir / "4_fusion=simpleAddition"
     for folder, log in ((running, "[mcn][INFO] - epoch 1/4 ...\n"), (failed, "[mcn][ERROR] - error: out of memory\n")):
         folder.mkdir(exist_ok=True)
-        (folder / f"fusion_{folder.name.split('=')[1]}_report.csv").write_text("phase,epoch,global_accuracy\nval,1,0.5\n")
+        (folder / f"fusion_{folder.name.split('=')[1]}_report.csv").write_text(
+            "phase,epoch,global_accuracy\nval,1,0.5\n"
+        )
         (folder / "train.log").write_text(log)
     out = tmp_path / "fusion_performance_summary.csv"
     assert evaluate_main([str(sweep_dir), "--output_file", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert [(r["fusion_type"], r["status"]) for r in rows] == [
-        ("multiplicative", "done"), ("multiplicative", "done"), ("concatenation", "done"),
-        ("TransformerBase", "running"), ("simpleAddition", "failed")]
+        ("multiplicative", "done"),
+        ("multiplicative", "done"),
+        ("concatenation", "done"),
+        ("TransformerBase", "running"),
+        ("simpleAddition", "failed"),
+    ]
     for row, (folder, results) in zip(rows, runs.values()):
         saved = json.loads((folder / f"fusion_training_results_{results['fusion_type']}.json").read_text())
         assert float(row["test_accuracy"]) == pytest.approx(saved["test_accuracy"], abs=5e-5)

@@ -1,30 +1,33 @@
 """Expert pretraining, the fusion stage's checks on what it loads, and the one-command pipeline."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, compose_cfg, run_cli
-from mcn.checkpoint import load_checkpoint
 from mcn.errors import CheckpointError, ConfigError
+from mcn.files import load_checkpoint
 from mcn.models import create_expert
 from mcn.pipeline import run_pipeline
-from mcn.recipes.common import run_recipe
+from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
 from mcn.train import run
+
+from conftest import CONF, compose_cfg, run_cli
 
 QUICK_EXPERT = ["pretrain.epochs=2", "trainer.save_every=1"]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """Four tiny experts pretrained in-process, as `python -m mcn.experts expert.index=i` would."""
+    """Four tiny experts pretrained in-process, as `python -m mcn.experts pretrain.index=i` would."""
     tmp = tmp_path_factory.mktemp("experts")
-    results = [run_recipe(ExpertRecipe(compose_cfg(tmp, [*QUICK_EXPERT, f"expert.index={i}"]), tmp / f"job{i}"))
-               for i in range(4)]
+    results = [
+        run_recipe(ExpertRecipe(compose_cfg(tmp, [*QUICK_EXPERT, f"pretrain.index={i}"]), tmp / f"job{i}"))
+        for i in range(4)
+    ]
     cfg = compose_cfg(tmp, QUICK_EXPERT)
     return tmp, cfg, results
 
@@ -37,8 +40,14 @@ def test_expert_files_are_self_describing(pretrained):
     for i, result in enumerate(results):
         ckpt = load_checkpoint(experts_dir / f"best_wrn_expert_{i}.pth", component="expert")
         assert ckpt["index"] == i and ckpt["split_hash"] == split["hash"] == result["split_hash"]
-        assert ckpt["architecture"] == {"preset": "wrn10_1", "depth": 10, "widen_factor": 1, "dropout": 0.0,
-                                        "num_classes": 10, "in_channels": 1}
+        assert ckpt["architecture"] == {
+            "preset": "wrn10_1",
+            "depth": 10,
+            "widen_factor": 1,
+            "dropout": 0.0,
+            "num_classes": 10,
+            "in_channels": 1,
+        }
         assert ckpt["num_features"] == 64 and ckpt["epoch"] == result["best_epoch"]
         assert ckpt["metrics"]["test_accuracy"] == result["test_accuracy"]
         trained_on = np.load(tmp / "outputs" / "splits" / "digits_iid_k4" / f"expert_{i}_train_indices.npy")
@@ -59,8 +68,9 @@ def test_fusion_starts_from_the_pretrained_experts(pretrained):
 
 def test_expert_from_another_split_is_refused(pretrained, tmp_path):
     tmp, cfg, _ = pretrained
-    fusion_cfg = compose_cfg(tmp, [f"experts.dir={cfg.paths.experts_dir}", "split.seed=7",
-                                   f"paths.split_dir={tmp_path / 'other_split'}"])
+    fusion_cfg = compose_cfg(
+        tmp, [f"experts.dir={cfg.paths.experts_dir}", "split.seed=7", f"paths.split_dir={tmp_path / 'other_split'}"]
+    )
     with pytest.raises(CheckpointError, match=r"(trained on \d+ images of the fusion holdout|was trained on split)"):
         run(fusion_cfg, str(tmp_path / "job"))
     assert not list((tmp_path / "job").rglob("*.pth"))
@@ -100,14 +110,17 @@ def test_state_dicts_saved_by_other_code_load(tmp_path, wrap):
 
 @pytest.mark.parametrize("index", [-1, 4])
 def test_expert_index_outside_range(tmp_path, index):
-    with pytest.raises(ConfigError, match=rf"expert.index={index} is outside 0..3"):
-        run_recipe(ExpertRecipe(compose_cfg(tmp_path, [f"expert.index={index}"]), tmp_path / "job"))
+    with pytest.raises(ConfigError, match=rf"pretrain.index={index} is outside 0..3"):
+        run_recipe(ExpertRecipe(compose_cfg(tmp_path, [f"pretrain.index={index}"]), tmp_path / "job"))
 
 
 @pytest.mark.slow
 def test_experts_sweep_through_the_local_launcher(tmp_path):
-    proc = run_cli(["-m", "expert.index=0,1", "experiment=quickstart", "logger=none", "pretrain.epochs=2"], tmp_path,
-                   module="mcn.experts")
+    proc = run_cli(
+        ["-m", "pretrain.index=0,1", "experiment=quickstart", "logger=none", "pretrain.epochs=2"],
+        tmp_path,
+        module="mcn.experts",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     experts = tmp_path / "outputs" / "experts" / "digits_iid_k4_wrn10_1"
     assert sorted(p.name for p in experts.glob("*.pth")) == ["best_wrn_expert_0.pth", "best_wrn_expert_1.pth"]
@@ -115,9 +128,15 @@ def test_experts_sweep_through_the_local_launcher(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path):
-    overrides = ["experiment=quickstart", "logger=none", "pretrain.epochs=3", "trainer.epochs=2",
-                 "pipeline.fusions=[multiplicative,TransformerBase]", "trainer.progress_bar=false",
-                 f"paths.output_root={tmp_path / 'outputs'}"]
+    overrides = [
+        "experiment=quickstart",
+        "logger=none",
+        "pretrain.epochs=3",
+        "trainer.epochs=2",
+        "pipeline.fusions=[multiplicative,TransformerBase]",
+        "trainer.progress_bar=false",
+        f"paths.output_root={tmp_path / 'outputs'}",
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         rows = run_pipeline(compose("train", overrides=overrides), overrides, tmp_path / "pipe")
     assert [r["fusion_type"] for r in rows] == ["multiplicative", "TransformerBase"]

@@ -1,12 +1,12 @@
 import pytest
 import torch
+from torch import nn
 
 from mcn.errors import ConfigError
 from mcn.models import MCN, create_expert, create_fusion, list_fusions
-from torch import nn
 
-# REFERENCE.md §3, d = 640, K = 4; multiplicativeShifted has multiplicative's parameters (a shift adds none)
-REFERENCE_COUNTS = {
+# docs/reference.md §3, d = 640, K = 4; multiplicativeShifted has multiplicative's parameters (a shift adds none)
+PUBLISHED_COUNTS = {
     "multiplicative": 825_600,
     "multiplicativeAddition": 825_604,
     "concatenation": 2_054_400,
@@ -17,13 +17,13 @@ REFERENCE_COUNTS = {
 
 
 def test_registry_holds_the_six_fusions():
-    assert set(list_fusions()) == set(REFERENCE_COUNTS)
+    assert set(list_fusions()) == set(PUBLISHED_COUNTS)
 
 
 @pytest.mark.parametrize("name", list_fusions())
 def test_parameter_count_matches_reference(name):
     fusion = create_fusion(name, num_experts=4, input_dim=640)
-    assert sum(p.numel() for p in fusion.parameters()) == REFERENCE_COUNTS[name]
+    assert sum(p.numel() for p in fusion.parameters()) == PUBLISHED_COUNTS[name]
 
 
 def test_global_head_parameter_count():

@@ -1,10 +1,11 @@
 """Experts are trained, not frozen, each parameter group at its own rate."""
+
 import pytest
 import torch
 
-from mcn.engine import cosine_schedule, stacked_logits, weighted_cross_entropy
+from mcn.loop import stacked_logits, weighted_cross_entropy
 from mcn.models import MCN, create_expert, create_fusion
-from mcn.recipes.fusion import input_width_lrs
+from mcn.optim import cosine_schedule, input_width_lrs
 
 
 def tiny_mcn(k=3):
@@ -24,7 +25,7 @@ def max_change(module, before):
 def test_one_adamw_step_moves_each_group_at_its_rate():
     mcn = tiny_mcn()
     base_lr, head_lr = 1e-5, 1e-3
-    opt = mcn.configure_optimizers("adamw", base_lr, head_lr, weight_decay=0.0)
+    opt = mcn.configure_optimizers({"name": "adamw", "weight_decay": 0.0}, base_lr, head_lr)
     experts0, fusion0, head0 = snapshot(mcn.experts), snapshot(mcn.fusion), snapshot(mcn.global_head)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     loss = weighted_cross_entropy(stacked_logits(mcn(x)), y, torch.ones(4))
@@ -41,7 +42,7 @@ def test_one_adamw_step_moves_each_group_at_its_rate():
 
 def test_parameter_groups_cover_every_parameter_once():
     mcn = tiny_mcn()
-    opt = mcn.configure_optimizers("sgd", 0.01, 0.1, weight_decay=5e-4)
+    opt = mcn.configure_optimizers({"name": "sgd", "weight_decay": 5e-4}, 0.01, 0.1)
     grouped = [p for g in opt.param_groups for p in g["params"]]
     assert len(grouped) == len(set(map(id, grouped))) == len(list(mcn.parameters()))
     for g in opt.param_groups:
@@ -52,7 +53,7 @@ def test_parameter_groups_cover_every_parameter_once():
 
 def test_unknown_optimiser():
     with pytest.raises(Exception, match="unknown optimiser 'lamb'"):
-        tiny_mcn().configure_optimizers("lamb", 1e-3, 1e-3, 0.0)
+        tiny_mcn().configure_optimizers({"name": "lamb", "weight_decay": 0.0}, 1e-3, 1e-3)
 
 
 def test_dual_path_loss_is_global_plus_alpha_times_expert_sum():
@@ -65,9 +66,16 @@ def test_dual_path_loss_is_global_plus_alpha_times_expert_sum():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("fusion,d,base,head", [
-    ("multiplicative", 640, 1e-4, 5e-4), ("multiplicative", 64, 1.3e-4, 6e-4),
-    ("concatenation", 2048, 0.7e-4, 8e-4), ("TransformerBase", 640, 4e-5, 2e-4), ("TransformerBase", 64, 6.5e-5, 2.4e-4)])
+@pytest.mark.parametrize(
+    "fusion,d,base,head",
+    [
+        ("multiplicative", 640, 1e-4, 5e-4),
+        ("multiplicative", 64, 1.3e-4, 6e-4),
+        ("concatenation", 2048, 0.7e-4, 8e-4),
+        ("TransformerBase", 640, 4e-5, 2e-4),
+        ("TransformerBase", 64, 6.5e-5, 2.4e-4),
+    ],
+)
 def test_input_width_rule(fusion, d, base, head):
     base_lr = {"TransformerBase": 5e-5}.get(fusion, 1e-4)
     head_lr = {"TransformerBase": 2e-4, "multiplicative": 5e-4}.get(fusion, 1e-3)

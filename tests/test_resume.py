@@ -1,4 +1,5 @@
 """A run stopped mid-epoch (signal, kill) and started again in its folder ends exactly like an uninterrupted one."""
+
 import csv
 import json
 import os
@@ -6,10 +7,11 @@ import signal
 
 import pytest
 
-import mcn.recipes.common as common
-from conftest import compose_cfg
+import mcn.loop as loop
 from mcn.errors import ConfigError
 from mcn.train import run
+
+from conftest import compose_cfg
 
 RUN = ["trainer.epochs=4", "trainer.save_every=2", "trainer.deterministic=true"]
 
@@ -33,7 +35,7 @@ def uninterrupted(tmp_path_factory):
 
 def interrupt_epoch(monkeypatch, epoch: int, signum: int):
     """Send `signum` to this process as training epoch `epoch` starts (the loop stops after its first step)."""
-    real, calls = common.train_epoch, []
+    real, calls = loop.train_epoch, []
 
     def train_epoch(*args, **kwargs):
         calls.append(1)
@@ -41,7 +43,7 @@ def interrupt_epoch(monkeypatch, epoch: int, signum: int):
             os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common, "train_epoch", train_epoch)
+    monkeypatch.setattr(loop, "train_epoch", train_epoch)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
@@ -61,7 +63,7 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch
 
 
 def test_crash_leaves_a_partial_temp_file_that_resume_ignores(tmp_path, monkeypatch, uninterrupted):
-    real, calls = common.train_epoch, []
+    real, calls = loop.train_epoch, []
 
     def crashing(*args, **kwargs):  # the process dies in epoch 3, as under kill -9
         calls.append(1)
@@ -69,7 +71,7 @@ def test_crash_leaves_a_partial_temp_file_that_resume_ignores(tmp_path, monkeypa
             raise MemoryError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common, "train_epoch", crashing)
+    monkeypatch.setattr(loop, "train_epoch", crashing)
     with pytest.raises(MemoryError):
         run(compose_cfg(tmp_path, RUN), str(tmp_path / "job"))
     monkeypatch.undo()

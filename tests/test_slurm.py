@@ -3,6 +3,7 @@
 The production request (720 min, 32 GB, 4 CPUs, 1 GPU, partition gpu) goes through unchanged:
 the local cluster advertises fake resources. Skipped where no cluster answers.
 """
+
 import csv
 import json
 import os
@@ -13,8 +14,9 @@ import time
 
 import pytest
 
-from conftest import compose_cfg
 from mcn.train import run
+
+from conftest import compose_cfg
 
 
 def cluster_up() -> bool:
@@ -24,16 +26,27 @@ def cluster_up() -> bool:
     return "is UP" in ping.stdout
 
 
-# .ci/run starts the cluster and sets MCN_REQUIRE_SLURM=1: there a missing cluster fails the tests instead of skipping them
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(not cluster_up() and not os.environ.get("MCN_REQUIRE_SLURM"),
-                                                    reason="no Slurm cluster (scripts/slurm-local/start-slurm.sh)")]
+# .ci/run starts the cluster and sets MCN_REQUIRE_SLURM=1: there a missing cluster fails the tests, not skips them
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        not cluster_up() and not os.environ.get("MCN_REQUIRE_SLURM"),
+        reason="no Slurm cluster (scripts/slurm-local/start-slurm.sh)",
+    ),
+]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 SLURM = ["experiment=quickstart", "hydra/launcher=slurm", "logger=none", "trainer.progress_bar=false"]
 
 
 def sweep(args, cwd, env=ENV):
-    return subprocess.Popen([sys.executable, "-m", "mcn.train", "-m", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mcn.train", "-m", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def report_rows(folder, fusion):
@@ -61,13 +74,22 @@ def test_card_sweep_over_four_fusion_types(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     sweep_dir = next((tmp_path / "outputs" / "multirun").glob("*/*"))
     script = next(sweep_dir.glob(".submitit/*/*_submission.sh")).read_text()
-    for line in ("--array=0-3", "--time=720", "--mem=32GB", "--cpus-per-task=4", "--gpus-per-node=1", "--partition=gpu"):
+    for line in (
+        "--array=0-3",
+        "--time=720",
+        "--mem=32GB",
+        "--cpus-per-task=4",
+        "--gpus-per-node=1",
+        "--partition=gpu",
+    ):
         assert line in script
     for num, fusion in enumerate(fusions):
         job = next(sweep_dir.glob(f"{num}_fusion={fusion},*"))
         results = json.loads((job / f"fusion_training_results_{fusion}.json").read_text())
         assert results["epochs_run"] == 2 and (job / f"best_complete_fusion_{fusion}.pth").exists()
-        assert (job / "experts" / "expert_3_epoch_2.pth").exists() and (job / "global" / "global_head_epoch_2.pth").exists()
+        assert (job / "experts" / "expert_3_epoch_2.pth").exists() and (
+            job / "global" / "global_head_epoch_2.pth"
+        ).exists()
 
 
 @pytest.mark.parametrize("interrupt", ["scontrol requeue", "scancel --signal=USR2"])
@@ -86,7 +108,8 @@ def test_requeue_mid_training_loses_nothing(tmp_path, interrupt):
     run(compose_cfg(tmp_path, [*overrides, "experiment=quickstart"]), str(straight))
     rows = report_rows(folder, "multiplicative")
     assert [(r["phase"], r["epoch"]) for r in rows if r["phase"] != "test"] == [
-        (phase, str(e)) for e in range(1, 21) for phase in ("train", "val")]
+        (phase, str(e)) for e in range(1, 21) for phase in ("train", "val")
+    ]
     assert rows == report_rows(straight, "multiplicative")
     ours = json.loads((folder / "fusion_training_results_multiplicative.json").read_text())
     theirs = json.loads((straight / "fusion_training_results_multiplicative.json").read_text())
@@ -116,9 +139,18 @@ def test_time_limit_requeues_and_resumes(tmp_path):
     """A real time limit: 1 minute, USR2 20 s before it; the job is requeued and resumes.
     Slurm fires USR2 24-40 s into the minute and each start spends ~12 s importing and loading, so
     80 epochs (~36 s of training) always outlast the first run and take 2 to 4 runs; up to 10 requeues are allowed."""
-    proc = sweep(["fusion=multiplicative", "trainer.epochs=80", "trainer.save_every=40", *SLURM,
-                  "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20", "hydra.launcher.max_num_timeout=10"],
-                 tmp_path)
+    proc = sweep(
+        [
+            "fusion=multiplicative",
+            "trainer.epochs=80",
+            "trainer.save_every=40",
+            *SLURM,
+            "hydra.launcher.timeout_min=1",
+            "hydra.launcher.signal_delay_s=20",
+            "hydra.launcher.max_num_timeout=10",
+        ],
+        tmp_path,
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-2000:]
     folder = next(tmp_path.glob("outputs/multirun/*/*/0_*"))
@@ -137,15 +169,30 @@ def test_impossible_request_surfaces_sbatch_message(tmp_path):
 
 
 def test_no_sbatch_names_the_local_launcher(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mcn.train", "-m", "fusion=multiplicative"], cwd=tmp_path, text=True,
-                          capture_output=True, env={**ENV, "PATH": os.path.dirname(sys.executable)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcn.train", "-m", "fusion=multiplicative"],
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        env={**ENV, "PATH": os.path.dirname(sys.executable)},
+    )
     assert proc.returncode == 2 and "add hydra/launcher=local" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_two_task_job_trains_with_gloo_and_one_process_writes(tmp_path):
-    proc = sweep(["fusion=multiplicative", "experiment=quickstart", "hydra/launcher=slurm", "trainer.progress_bar=false",
-                  "trainer.epochs=3", "trainer.save_every=3", "hydra.launcher.tasks_per_node=2"], tmp_path,
-                 env={**ENV, "WANDB_MODE": "offline"})
+    proc = sweep(
+        [
+            "fusion=multiplicative",
+            "experiment=quickstart",
+            "hydra/launcher=slurm",
+            "trainer.progress_bar=false",
+            "trainer.epochs=3",
+            "trainer.save_every=3",
+            "hydra.launcher.tasks_per_node=2",
+        ],
+        tmp_path,
+        env={**ENV, "WANDB_MODE": "offline"},
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     sweep_dir = next((tmp_path / "outputs" / "multirun").glob("*/*"))
@@ -156,8 +203,11 @@ def test_two_task_job_trains_with_gloo_and_one_process_writes(tmp_path):
     assert "processes=2" in log and log.count("epoch 3/3") == 1  # progress logged by rank 0 only
     rows = report_rows(job, "multiplicative")
     assert [(r["phase"], r["epoch"]) for r in rows if r["phase"] != "test"] == [
-        (p, str(e)) for e in (1, 2, 3) for p in ("train", "val")]
+        (p, str(e)) for e in (1, 2, 3) for p in ("train", "val")
+    ]
     train_loss = [float(r["loss"]) for r in rows if r["phase"] == "train"]
     assert train_loss[-1] < train_loss[0]  # it trains
     assert len(list(job.glob("wandb/offline-run-*"))) == 1  # one tracker run: only rank 0 writes
-    assert json.loads((job / "fusion_training_results_multiplicative.json").read_text())["runtime"].endswith("processes=2")
+    assert json.loads((job / "fusion_training_results_multiplicative.json").read_text())["runtime"].endswith(
+        "processes=2"
+    )

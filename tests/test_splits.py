@@ -38,7 +38,9 @@ def test_holdout_follows_the_reference_recipe():
 
 def test_iid_shares_have_the_promised_sizes():
     arrays = make_split(LABELS, 10, spec())
-    shares = [np.concatenate([arrays[f"expert_{i}_train_indices"], arrays[f"expert_{i}_val_indices"]]) for i in range(4)]
+    shares = [
+        np.concatenate([arrays[f"expert_{i}_train_indices"], arrays[f"expert_{i}_val_indices"]]) for i in range(4)
+    ]
     assert all(len(s) == 640 + 240 for s in shares)  # 40 % shared + 15 % own of the 1,600-image pool
     shared = set.intersection(*map(set, shares))
     assert len(shared) == 640
@@ -48,7 +50,10 @@ def test_iid_shares_have_the_promised_sizes():
 
 def test_classes_scheme_gives_disjoint_class_blocks():
     arrays = make_split(LABELS, 10, spec(scheme="classes"))
-    seen = [set(LABELS[np.concatenate([arrays[f"expert_{i}_train_indices"], arrays[f"expert_{i}_val_indices"]])]) for i in range(4)]
+    seen = [
+        set(LABELS[np.concatenate([arrays[f"expert_{i}_train_indices"], arrays[f"expert_{i}_val_indices"]])])
+        for i in range(4)
+    ]
     assert seen == [{0, 1, 2}, {3, 4, 5}, {6, 7}, {8, 9}]
 
 
@@ -57,17 +62,21 @@ def test_dirichlet_alpha_controls_skew():
         arrays = make_split(LABELS, 10, spec(scheme="dirichlet", alpha=alpha))
         counts = [np.bincount(LABELS[arrays[f"expert_{i}_train_indices"]], minlength=10) for i in range(4)]
         return np.mean([c.max() / max(1, c.sum()) for c in counts])
+
     assert skew(0.1) > skew(100.0) + 0.1
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"shared_fraction": 0.5, "unique_fraction": 0.2}, r"iid split fractions do not fit: .* 1.3 > 1"),
-    ({"holdout_fraction": 1.2}, r"split.holdout_fraction=1.2 must lie strictly between 0 and 1"),
-    ({"scheme": "classes", "num_experts": 11}, r"experts.num=11 <= the 10 classes"),
-    ({"scheme": "dirichlet", "alpha": 0.0}, r"split.alpha=0.0 must be > 0"),
-    ({"scheme": "dirichlet", "alpha": -1.0}, r"split.alpha=-1.0 must be > 0"),
-    ({"scheme": "shards"}, r"unknown split scheme 'shards'"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"shared_fraction": 0.5, "unique_fraction": 0.2}, r"iid split fractions do not fit: .* 1.3 > 1"),
+        ({"holdout_fraction": 1.2}, r"split.holdout_fraction=1.2 must lie strictly between 0 and 1"),
+        ({"scheme": "classes", "num_experts": 11}, r"experts.num=11 <= the 10 classes"),
+        ({"scheme": "dirichlet", "alpha": 0.0}, r"split.alpha=0.0 must be > 0"),
+        ({"scheme": "dirichlet", "alpha": -1.0}, r"split.alpha=-1.0 must be > 0"),
+        ({"scheme": "shards"}, r"unknown split scheme 'shards'"),
+    ],
+)
 def test_bad_split_configs(kw, match):
     with pytest.raises(ConfigError, match=match):
         make_split(LABELS, 10, spec(**kw))
@@ -76,11 +85,15 @@ def test_bad_split_configs(kw, match):
 def test_saved_split_is_reused_and_never_silently_overwritten(tmp_path):
     first = prepare_split(tmp_path, LABELS, 10, spec())
     meta = json.loads((tmp_path / "split_meta.json").read_text())
-    assert meta["hash"] == first.hash and meta["recipe"]["seed"] == 42 and meta["sizes"]["fusion_holdout_indices"] == 400
+    assert (
+        meta["hash"] == first.hash and meta["recipe"]["seed"] == 42 and meta["sizes"]["fusion_holdout_indices"] == 400
+    )
     stamp = (tmp_path / "fusion_holdout_indices.npy").stat().st_mtime_ns
     again = prepare_split(tmp_path, LABELS, 10, spec())
     assert again.hash == first.hash and (tmp_path / "fusion_holdout_indices.npy").stat().st_mtime_ns == stamp
-    with pytest.raises(ConfigError, match=r"made differently \(holdout_fraction: 0.2 on disk vs 0.3 now\).*split.force=true"):
+    with pytest.raises(
+        ConfigError, match=r"made differently \(holdout_fraction: 0.2 on disk vs 0.3 now\).*split.force=true"
+    ):
         prepare_split(tmp_path, LABELS, 10, spec(holdout_fraction=0.3))
     assert json.loads((tmp_path / "split_meta.json").read_text())["hash"] == first.hash
     forced = prepare_split(tmp_path, LABELS, 10, spec(holdout_fraction=0.3), force=True)

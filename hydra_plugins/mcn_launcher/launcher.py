@@ -5,21 +5,19 @@
 - a job fails: one line per failed job (its overrides and error), then exit status 2 (bad input) or 1.
 Requeue on preemption / time-out and the rest are submitit's; resuming is the recipes' (train_state.pth).
 """
+
 from __future__ import annotations
 
 import shutil
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hydra.core.utils import JobStatus
+
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
-
+from mcn.cli import fail as _fail
 from mcn.errors import MCNError
-
-
-def _fail(message: str) -> None:
-    print(f"mcn: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def _last_error_line(text: str) -> str:
@@ -36,11 +34,16 @@ def _launch_with_clear_errors(launcher, job_overrides, initial_job_idx) -> Seque
     except FailedJobError as e:
         text = str(e)
         if "sbatch" in text and "submission failed" in text.lower():
-            _fail(f"Slurm refused the sweep: {_last_error_line(text)}; adjust hydra.launcher.* (partition, mem_gb, "
-                  f"cpus_per_task, gpus_per_node, timeout_min)")
+            _fail(
+                f"Slurm refused the sweep: {_last_error_line(text)}; adjust hydra.launcher.* (partition, mem_gb, "
+                f"cpus_per_task, gpus_per_node, timeout_min)"
+            )
         _fail(f"a sweep job failed: {_last_error_line(text)} (job logs: {launcher.config.hydra.sweep.dir}/.submitit/)")
     except UncompletedJobError as e:
-        _fail(f"a sweep job ended without a result: {_last_error_line(str(e))} (job logs: {launcher.config.hydra.sweep.dir}/.submitit/)")
+        _fail(
+            f"a sweep job ended without a result: {_last_error_line(str(e))} "
+            f"(job logs: {launcher.config.hydra.sweep.dir}/.submitit/)"
+        )
     # Hydra hands a job's exception back inside its JobReturn; the sweep would re-raise it with a traceback
     failed = [(i, r) for i, r in enumerate(returns, initial_job_idx) if r.status == JobStatus.FAILED]
     for i, r in failed:
@@ -56,8 +59,10 @@ class MCNSlurmLauncher(SlurmLauncher):
 
     def launch(self, job_overrides, initial_job_idx):
         if shutil.which("sbatch") is None:
-            _fail("no `sbatch` on the PATH, so this machine cannot submit to Slurm; "
-                  "add hydra/launcher=local to run the sweep here (or experiment=quickstart)")
+            _fail(
+                "no `sbatch` on the PATH, so this machine cannot submit to Slurm; "
+                "add hydra/launcher=local to run the sweep here (or experiment=quickstart)"
+            )
         return _launch_with_clear_errors(self, job_overrides, initial_job_idx)
 
 

@@ -3,6 +3,7 @@
 `digits` ships inside scikit-learn (no download); `fashion_mnist` reads torchvision's IDX files
 (or Debian's `dataset-fashion-mnist` package); `cifar10` / `cifar100` use torchvision.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -30,7 +31,7 @@ class ImageSet:
     def in_channels(self) -> int:
         return self.images.shape[1]
 
-    def subset(self, indices: np.ndarray) -> "ImageSet":
+    def subset(self, indices: np.ndarray) -> ImageSet:
         index = torch.as_tensor(indices, dtype=torch.long)
         return ImageSet(self.images[index], self.labels[index], self.num_classes)
 
@@ -58,7 +59,7 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
         ndim = data[3]
-        shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
     except (OSError, ValueError, EOFError, IndexError) as e:
         raise DataError(f"corrupt IDX file {path}: {e}; delete it and fetch it again") from None
@@ -104,10 +105,13 @@ def _cifar(name: str, root: Path, train: bool, download: bool) -> ImageSet:
         ds = cls(str(root), train=train, download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
         raise DataError(
-            f"{name} not found in {root} ({e}); put the extracted '{cls.base_folder}' folder there or set data.download=true"
+            f"{name} not found in {root} ({e}); put the extracted '{cls.base_folder}' folder there "
+            f"or set data.download=true"
         ) from None
     except Exception as e:  # download attempted without network
-        raise DataError(f"{name} download to {root} failed ({type(e).__name__}); put the extracted '{cls.base_folder}' folder there") from None
+        raise DataError(
+            f"{name} download to {root} failed ({type(e).__name__}); put the extracted '{cls.base_folder}' folder there"
+        ) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return ImageSet(images, torch.as_tensor(ds.targets, dtype=torch.long), len(ds.classes))
 

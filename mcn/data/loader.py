@@ -3,10 +3,11 @@
 No DataLoader workers and no host synchronisation: random crops (pad + per-sample offset, one
 gather) and flips are batched tensor ops, so the same code runs on CPU and on a GPU-resident set.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,9 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
     return x
 
 
-def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator, scale=(0.02, 0.33), ratio=(0.3, 3.3)) -> torch.Tensor:
+def random_erasing(
+    x: torch.Tensor, p: float, generator: torch.Generator, scale=(0.02, 0.33), ratio=(0.3, 3.3)
+) -> torch.Tensor:
     """Per image, with probability p, zero (the normalised mean) one random rectangle; batched."""
     b, _, h, w = x.shape
     dev = x.device
@@ -41,14 +44,19 @@ def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator, scale=
     left = (torch.rand(b, device=dev, generator=generator) * (w - ew + 1)).floor()
     rows = torch.arange(h, device=dev).view(1, h, 1)
     cols = torch.arange(w, device=dev).view(1, 1, w)
-    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
-              & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)))
+    inside = (
+        (rows >= top.view(b, 1, 1))
+        & (rows < (top + eh).view(b, 1, 1))
+        & (cols >= left.view(b, 1, 1))
+        & (cols < (left + ew).view(b, 1, 1))
+    )
     chosen = torch.rand(b, 1, 1, device=dev, generator=generator) < p
     return x.masked_fill((inside & chosen).unsqueeze(1), 0.0)
 
 
-def soft_targets(x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothing: float, cutmix: float,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_targets(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothing: float, cutmix: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Label smoothing, and with probability `cutmix` one CutMix of the batch with a shuffled copy of itself."""
     targets = F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
     if cutmix <= 0 or torch.rand((), generator=generator).item() >= cutmix:
@@ -70,10 +78,23 @@ class TensorBatches:
     in order and plain for evaluation. Inputs come out normalised float32 on `device` (default:
     where the set lives); shuffling and augmentation run there too."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: list[float],
-                 std: list[float], train: bool, crop_padding: int = 0, flip: bool = False, seed: int = 0,
-                 channels_last: bool = False, device: torch.device | str | None = None, erasing: float = 0.0,
-                 uint8_transform: Callable[[torch.Tensor], torch.Tensor] | None = None, shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        train: bool,
+        crop_padding: int = 0,
+        flip: bool = False,
+        seed: int = 0,
+        channels_last: bool = False,
+        device: torch.device | str | None = None,
+        erasing: float = 0.0,
+        uint8_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.erasing, self.uint8_transform = erasing, uint8_transform
         self.rank, self.world_size = shard  # training batches: this process's share of each shuffled epoch
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
@@ -95,11 +116,11 @@ class TensorBatches:
         n = self._size()
         if self.train:  # the same permutation on every process (same seed), each taking its own slice
             order = torch.randperm(len(self.labels), device=self.device, generator=self.generator)
-            order = order[self.rank::self.world_size][:n]
+            order = order[self.rank :: self.world_size][:n]
         else:
             order = torch.arange(n, device=self.device)
         for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size].to(self.images.device)
+            index = order[start : start + self.batch_size].to(self.images.device)
             # a host-resident set copies just the batch (still uint8) to the device
             x = self.images[index].to(self.device, non_blocking=True)
             if self.train and self.uint8_transform is not None:

@@ -1,6 +1,8 @@
 """From the `data` / `split` config to tensors, split indices and batch iterators."""
+
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -25,33 +27,47 @@ class PreparedData:
 
 
 def split_spec(cfg: DictConfig) -> SplitSpec:
-    s = cfg.split
-    return SplitSpec(dataset=cfg.data.name, num_experts=int(cfg.experts.num), scheme=s.scheme,
-                     holdout_fraction=s.holdout_fraction, fusion_val_fraction=s.fusion_val_fraction,
-                     expert_val_fraction=s.expert_val_fraction, shared_fraction=s.shared_fraction,
-                     unique_fraction=s.unique_fraction, alpha=s.alpha, seed=s.seed)
+    """The split's recipe: `split/*.yaml` names only the fields its scheme uses; the rest keep SplitSpec's defaults."""
+    fields = {f.name for f in dataclasses.fields(SplitSpec)} - {"dataset", "num_experts"}
+    given = {k: v for k, v in cfg.split.items() if k in fields}
+    return SplitSpec(dataset=cfg.data.name, num_experts=int(cfg.experts.num), **given)
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
     train = load_dataset(cfg.data.name, cfg.paths.data_dir, train=True, download=cfg.data.download)
     test = load_dataset(cfg.data.name, cfg.paths.data_dir, train=False, download=cfg.data.download)
-    make = lambda: prepare_split(cfg.paths.split_dir, train.labels.numpy(), train.num_classes,  # noqa: E731
-                                 split_spec(cfg), force=cfg.split.force)
-    split = make() if distributed.is_main() else None
+
+    def load_or_make_split():
+        return prepare_split(
+            cfg.paths.split_dir, train.labels.numpy(), train.num_classes, split_spec(cfg), force=cfg.split.force
+        )
+
+    split = load_or_make_split() if distributed.is_main() else None
     distributed.barrier()  # rank 0 writes the split; the others read it
-    split = split or make()
+    split = split or load_or_make_split()
     # normalisation statistics from the expert pool, the same for both stages
     mean, std = train.subset(split["expert_train_indices"]).channel_stats()
     return PreparedData(train, test, split, mean, std)
 
 
-def make_batches(images: ImageSet, data: PreparedData, cfg: DictConfig, runtime: Runtime, train: bool,
-                 seed: int, **augment) -> TensorBatches:
-    """`augment`: TensorBatches' optional extras (`erasing`, `uint8_transform`) for training batches."""
+def make_batches(
+    images: ImageSet, data: PreparedData, cfg: DictConfig, runtime: Runtime, *, train: bool, seed: int = 0, **augment
+) -> TensorBatches:
+    """Training batches (`train=True`: shuffled with `seed`, augmented, this process's share) or evaluation
+    batches (in order, plain). `augment`: TensorBatches' extras (`erasing`, `uint8_transform`)."""
     home = runtime.device if runtime.data_on_device else "cpu"
-    return TensorBatches(images.images.to(home), images.labels.to(home), int(cfg.trainer.batch_size),
-                         data.mean, data.std, train=train, crop_padding=int(cfg.data.crop_padding),
-                         flip=bool(cfg.data.flip), seed=seed, channels_last=runtime.channels_last,
-                         device=runtime.device, shard=(runtime.dist.rank, runtime.dist.world_size) if train else (0, 1),
-                         **augment)
-
+    return TensorBatches(
+        images.images.to(home),
+        images.labels.to(home),
+        int(cfg.trainer.batch_size),
+        data.mean,
+        data.std,
+        train=train,
+        crop_padding=int(cfg.data.crop_padding),
+        flip=bool(cfg.data.flip),
+        seed=seed,
+        channels_last=runtime.channels_last,
+        device=runtime.device,
+        shard=(runtime.dist.rank, runtime.dist.world_size) if train else (0, 1),
+        **augment,
+    )

@@ -1,22 +1,23 @@
 """Deterministic splits of a training set, shared by expert pretraining and fusion training.
 
-The train set is split into an expert pool and a fusion holdout (REFERENCE.md §1: seed 42, 20 %),
+The train set is split into an expert pool and a fusion holdout (docs/reference.md §1: seed 42, 20 %),
 the pool is shared among K experts by a scheme (`iid`, `classes`, `dirichlet`), and a validation
 part is carved from the holdout and from each expert's share. Everything lands in one folder as
 `.npy` index files plus `split_meta.json`, whose `hash` covers every index; a split on disk made
 differently is never overwritten unless forced.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mcn.errors import ConfigError
+from mcn.files import write_json, write_npy
 
 SCHEMES = ("iid", "classes", "dirichlet")
 
@@ -41,10 +42,15 @@ class SplitSpec:
         if self.num_experts < 1:
             raise ConfigError(f"experts.num={self.num_experts} must be at least 1")
         if self.scheme not in SCHEMES:
-            raise ConfigError(f"unknown split scheme {self.scheme!r}; known: {', '.join(SCHEMES)} (set split=<one of them>)")
+            raise ConfigError(
+                f"unknown split scheme {self.scheme!r}; known: {', '.join(SCHEMES)} (set split=<one of them>)"
+            )
         if self.scheme == "iid":
             if self.shared_fraction < 0 or self.unique_fraction <= 0:
-                raise ConfigError(f"split.shared_fraction={self.shared_fraction} must be >= 0 and split.unique_fraction={self.unique_fraction} > 0")
+                raise ConfigError(
+                    f"split.shared_fraction={self.shared_fraction} must be >= 0 "
+                    f"and split.unique_fraction={self.unique_fraction} > 0"
+                )
             used = self.shared_fraction + self.num_experts * self.unique_fraction
             if used > 1 + 1e-9:
                 raise ConfigError(
@@ -52,7 +58,10 @@ class SplitSpec:
                     f"{self.unique_fraction} = {used:.3g} > 1; lower split.unique_fraction or split.shared_fraction"
                 )
         if self.scheme == "classes" and self.num_experts > num_classes:
-            raise ConfigError(f"the classes scheme needs experts.num={self.num_experts} <= the {num_classes} classes of {self.dataset}")
+            raise ConfigError(
+                f"the classes scheme needs experts.num={self.num_experts} <= "
+                f"the {num_classes} classes of {self.dataset}"
+            )
         if self.scheme == "dirichlet" and self.alpha <= 0:
             raise ConfigError(f"split.alpha={self.alpha} must be > 0 (the Dirichlet concentration)")
 
@@ -61,7 +70,9 @@ def _carve(indices: np.ndarray, fraction: float, seed: int, what: str) -> tuple[
     """Split sorted `indices` into (train, val) with `fraction` of them in val."""
     n_val = int(round(len(indices) * fraction))
     if n_val < 1 or n_val >= len(indices):
-        raise ConfigError(f"{what} has {len(indices)} images: too few to carve a {fraction:.0%} validation part; change the fractions")
+        raise ConfigError(
+            f"{what} has {len(indices)} images: too few to carve a {fraction:.0%} validation part; change the fractions"
+        )
     order = np.random.default_rng(seed).permutation(len(indices))
     return np.sort(indices[order[n_val:]]), np.sort(indices[order[:n_val]])
 
@@ -73,7 +84,10 @@ def _expert_shares(pool: np.ndarray, labels: np.ndarray, spec: SplitSpec, num_cl
         shuffled = pool[rng.permutation(len(pool))]
         n_shared, n_unique = int(len(pool) * spec.shared_fraction), int(len(pool) * spec.unique_fraction)
         shared = shuffled[:n_shared]
-        return [np.sort(np.concatenate([shared, shuffled[n_shared + i * n_unique: n_shared + (i + 1) * n_unique]])) for i in range(k)]
+        return [
+            np.sort(np.concatenate([shared, shuffled[n_shared + i * n_unique : n_shared + (i + 1) * n_unique]]))
+            for i in range(k)
+        ]
     if spec.scheme == "classes":
         blocks = np.array_split(np.arange(num_classes), k)
         return [np.sort(pool[np.isin(labels[pool], block)]) for block in blocks]
@@ -95,10 +109,15 @@ def make_split(labels: np.ndarray, num_classes: int, spec: SplitSpec) -> dict[st
     n_holdout = int(n * spec.holdout_fraction)
     holdout, pool = np.sort(order[:n_holdout]), np.sort(order[n_holdout:])
     arrays = {"expert_train_indices": pool, "fusion_holdout_indices": holdout}
-    arrays["fusion_train_indices"], arrays["fusion_val_indices"] = _carve(holdout, spec.fusion_val_fraction, spec.seed + 1, "the fusion holdout")
+    arrays["fusion_train_indices"], arrays["fusion_val_indices"] = _carve(
+        holdout, spec.fusion_val_fraction, spec.seed + 1, "the fusion holdout"
+    )
     for i, share in enumerate(_expert_shares(pool, labels, spec, num_classes)):
         arrays[f"expert_{i}_train_indices"], arrays[f"expert_{i}_val_indices"] = _carve(
-            share, spec.expert_val_fraction, spec.seed + 100 + i, f"expert {i}'s share ({spec.scheme}, alpha={spec.alpha})"
+            share,
+            spec.expert_val_fraction,
+            spec.seed + 100 + i,
+            f"expert {i}'s share ({spec.scheme}, alpha={spec.alpha})",
         )
     return arrays
 
@@ -122,7 +141,9 @@ class Split:
         return self.arrays[name]
 
 
-def prepare_split(directory: str | Path, labels: np.ndarray, num_classes: int, spec: SplitSpec, force: bool = False) -> Split:
+def prepare_split(
+    directory: str | Path, labels: np.ndarray, num_classes: int, spec: SplitSpec, force: bool = False
+) -> Split:
     """Load the split in `directory` if it was made from `spec` (and the same data); else make and save it."""
     directory = Path(directory)
     meta_path = directory / "split_meta.json"
@@ -132,27 +153,31 @@ def prepare_split(directory: str | Path, labels: np.ndarray, num_classes: int, s
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"corrupt {meta_path} ({e}); delete {directory} or set split.force=true") from None
-        changed = {k: (meta.get("recipe", {}).get(k), v) for k, v in recipe.items() if meta.get("recipe", {}).get(k) != v}
+        changed = {
+            k: (meta.get("recipe", {}).get(k), v) for k, v in recipe.items() if meta.get("recipe", {}).get(k) != v
+        }
         if changed:
             what = ", ".join(f"{k}: {old} on disk vs {new} now" for k, (old, new) in changed.items())
-            raise ConfigError(f"the split in {directory} was made differently ({what}); set split.force=true to remake it, or point paths.split_dir elsewhere")
+            raise ConfigError(
+                f"the split in {directory} was made differently ({what}); set split.force=true to remake it, "
+                f"or point paths.split_dir elsewhere"
+            )
         try:
             arrays = {name: np.load(directory / f"{name}.npy") for name in meta["sizes"]}
         except (OSError, ValueError) as e:
-            raise ConfigError(f"split files in {directory} are missing or corrupt ({e}); set split.force=true to remake them") from None
+            raise ConfigError(
+                f"split files in {directory} are missing or corrupt ({e}); set split.force=true to remake them"
+            ) from None
         if split_hash(arrays) != meta["hash"]:
-            raise ConfigError(f"split files in {directory} do not match the hash in split_meta.json; set split.force=true to remake them")
+            raise ConfigError(
+                f"split files in {directory} do not match the hash in split_meta.json; "
+                f"set split.force=true to remake them"
+            )
         return Split(directory, spec, arrays, meta["hash"])
     arrays = make_split(labels, num_classes, spec)
     digest = split_hash(arrays)
-    directory.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
-        tmp = directory / f".{name}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, directory / f"{name}.npy")
+        write_npy(directory / f"{name}.npy", array)
     meta = {"recipe": recipe, "sizes": {k: int(len(v)) for k, v in arrays.items()}, "hash": digest}
-    tmp = directory / ".split_meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)  # written last: a split without its meta is not a split
+    write_json(meta_path, meta)  # written last: a split without its meta is not a split
     return Split(directory, spec, arrays, digest)

@@ -1,13 +1,14 @@
 """Fusion modules: K pooled expert features [B, K, d] -> one fused feature [B, d].
 
 Registry in the timm manner: `@register_fusion("name")`, `create_fusion(name, ...)`, `list_fusions()`.
-Notation (REFERENCE.md §3): `LN_k` a per-expert LayerNorm(d), `M` the MLP
+Notation (docs/reference.md §3): `LN_k` a per-expert LayerNorm(d), `M` the MLP
 Linear(d, h) -> ReLU -> Dropout -> Linear(h, d), with h = d unless `hidden_dim` says otherwise.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ _FUSIONS: dict[str, type[nn.Module]] = {}
 def register_fusion(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _FUSIONS:
-            warnings.warn(f"fusion {name!r} registered twice; the later definition wins")
+            warnings.warn(f"fusion {name!r} registered twice; the later definition wins", stacklevel=2)
         _FUSIONS[name] = cls
         cls.fusion_name = name
         return cls
@@ -35,7 +36,9 @@ def list_fusions() -> list[str]:
 def create_fusion(name: str, num_experts: int, input_dim: int, **kwargs) -> nn.Module:
     """Build a registered fusion; `None` kwargs are dropped so one config schema serves every type."""
     if name not in _FUSIONS:
-        raise ConfigError(f"unknown fusion type {name!r}; known: {', '.join(list_fusions())} (set fusion=<one of them>)")
+        raise ConfigError(
+            f"unknown fusion type {name!r}; known: {', '.join(list_fusions())} (set fusion=<one of them>)"
+        )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         return _FUSIONS[name](num_experts=num_experts, input_dim=input_dim, **kwargs)
@@ -50,8 +53,15 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Seque
 class _Fusion(nn.Module):
     """Shared parts: per-expert LayerNorms and the output MLP `M`."""
 
-    def __init__(self, num_experts: int, input_dim: int, hidden_dim: int | None = None, dropout: float = 0.2,
-                 layer_norms: bool = True, mlp_in_dim: int | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        input_dim: int,
+        hidden_dim: int | None = None,
+        dropout: float = 0.2,
+        layer_norms: bool = True,
+        mlp_in_dim: int | None = None,
+    ):
         super().__init__()
         if num_experts < 1 or input_dim < 1:
             raise ConfigError(f"fusion needs num_experts >= 1 and input_dim >= 1, got {num_experts} and {input_dim}")
@@ -63,7 +73,8 @@ class _Fusion(nn.Module):
     def checked(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[1:] != (self.num_experts, self.input_dim):
             raise ValueError(
-                f"{type(self).__name__} expects features [B, {self.num_experts}, {self.input_dim}], got {list(features.shape)}"
+                f"{type(self).__name__} expects features [B, {self.num_experts}, {self.input_dim}], "
+                f"got {list(features.shape)}"
             )
         return features
 
@@ -131,12 +142,13 @@ class ConcatenationFusion(_Fusion):
 class TransformerBaseFusion(_Fusion):
     """S = stack_k LN_k(f_k); z = M(mean_k MultiheadAttention(S, S, S))."""
 
-    def __init__(self, num_experts: int, input_dim: int, hidden_dim: int | None = None, dropout: float = 0.2,
-                 num_heads: int = 8):
+    def __init__(
+        self, num_experts: int, input_dim: int, hidden_dim: int | None = None, dropout: float = 0.2, num_heads: int = 8
+    ):
         super().__init__(num_experts, input_dim, hidden_dim, dropout)
         if input_dim % num_heads:
             raise ConfigError(
-                f"TransformerBase needs the feature width {input_dim} divisible by fusion.module.num_heads={num_heads}; "
+                f"TransformerBase needs the feature width {input_dim} divisible by fusion.num_heads={num_heads}; "
                 f"pick a divisor of {input_dim}"
             )
         self.attention = nn.MultiheadAttention(input_dim, num_heads, dropout=dropout, batch_first=True)

@@ -1,5 +1,8 @@
 """The Multiple Choice Network: K experts (trained, not frozen) -> fusion -> global head."""
+
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -7,7 +10,7 @@ from torch import nn
 from mcn.errors import ConfigError
 from mcn.models.fusion import create_fusion
 from mcn.models.wide_resnet import create_expert
-from mcn.optim import build_optimizer
+from mcn.optim import optimizer_from_config
 
 
 class MCN(nn.Module):
@@ -21,7 +24,9 @@ class MCN(nn.Module):
         super().__init__()
         widths = {e.num_features for e in experts}
         if len(widths) != 1:
-            raise ConfigError(f"experts disagree on their feature width ({sorted(widths)}); use one expert preset for all")
+            raise ConfigError(
+                f"experts disagree on their feature width ({sorted(widths)}); use one expert preset for all"
+            )
         self.experts = nn.ModuleList(experts)
         self.fusion = fusion
         self.num_features = widths.pop()
@@ -46,13 +51,15 @@ class MCN(nn.Module):
             "total": count(self),
         }
 
-    def configure_optimizers(self, name: str, base_lr: float, head_lr: float, weight_decay: float,
-                             momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
-                             fused: bool | None = None) -> torch.optim.Optimizer:
-        """The one place where "experts at base_lr, fusion + global head at head_lr" lives."""
+    def configure_optimizers(
+        self, optim: Mapping, base_lr: float, head_lr: float, *, fused: bool | None = None
+    ) -> torch.optim.Optimizer:
+        """The one place where "experts at base_lr, fusion + global head at head_lr" lives.
+        `optim`: the optimiser's config block (`optim/*.yaml`: name, weight_decay, momentum or betas)."""
         head = [*self.fusion.parameters(), *self.global_head.parameters()]
-        return build_optimizer(name, [("base_lr", base_lr, self.experts.parameters()), ("head_lr", head_lr, head)],
-                               weight_decay, momentum=momentum, betas=betas, fused=fused)
+        return optimizer_from_config(
+            optim, [("base_lr", base_lr, self.experts.parameters()), ("head_lr", head_lr, head)], fused=fused
+        )
 
 
 def build_expert(architecture: dict) -> nn.Module:

@@ -3,13 +3,14 @@
 Two layers of builders: `wide_resnet(...)` takes every argument; the presets (`wrn28_10()`, ...)
 write the numbers out and are what configs name (`expert.preset`).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from mcn.errors import ConfigError
 
@@ -57,7 +58,9 @@ class WideResNet(nn.Module):
         stages = []
         for stage, stride in enumerate((1, 2, 2)):
             blocks = [
-                _Block(widths[stage] if i == 0 else widths[stage + 1], widths[stage + 1], stride if i == 0 else 1, dropout)
+                _Block(
+                    widths[stage] if i == 0 else widths[stage + 1], widths[stage + 1], stride if i == 0 else 1, dropout
+                )
                 for i in range(n)
             ]
             stages.append(nn.Sequential(*blocks))
@@ -82,7 +85,9 @@ class WideResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def wide_resnet(depth: int, widen_factor: int, dropout: float = 0.0, num_classes: int = 10, in_channels: int = 3) -> WideResNet:
+def wide_resnet(
+    depth: int, widen_factor: int, dropout: float = 0.0, num_classes: int = 10, in_channels: int = 3
+) -> WideResNet:
     return WideResNet(depth, widen_factor, dropout, num_classes, in_channels)
 
 
@@ -116,5 +121,7 @@ EXPERT_PRESETS: dict[str, Callable[[int, int], WideResNet]] = {
 
 def create_expert(preset: str, num_classes: int, in_channels: int) -> WideResNet:
     if preset not in EXPERT_PRESETS:
-        raise ConfigError(f"unknown expert preset {preset!r}; known: {', '.join(EXPERT_PRESETS)} (set expert=<one of them>)")
+        raise ConfigError(
+            f"unknown expert preset {preset!r}; known: {', '.join(EXPERT_PRESETS)} (set expert=<one of them>)"
+        )
     return EXPERT_PRESETS[preset](num_classes, in_channels)

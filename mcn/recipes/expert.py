@@ -1,30 +1,66 @@
-"""Expert pretraining recipe: one Wide ResNet expert on its own share of the expert pool.
+"""Expert pretraining recipe: one expert on its own share of the expert pool.
 
-Feature flags (`pretrain.*`): SGD + Nesterov or AdamW, cosine schedule with warm-up, label
-smoothing, RandAugment, random erasing, CutMix, gradient clipping (REFERENCE.md §2).
+Feature flags (`pretrain.*`):
+- `pretrain.optim`: SGD + Nesterov or AdamW, cosine schedule with warm-up, gradient clipping;
+- `pretrain.augment`: label smoothing, RandAugment (per image, costs CPU time), random erasing, CutMix.
+The defaults are the recipe of docs/reference.md §2.
+
 Model selection uses the validation part carved from the expert's own share; the fusion holdout
-is never touched. The best epoch goes to `paths.experts_dir/best_wrn_expert_{i}.pth` (the name the
-fusion stage looks for), self-describing: architecture, classes, feature width, the split hash and
+is never touched. The best epoch is published to `paths.experts_dir` under `experts.filename` (the
+name the fusion stage looks for), self-describing: architecture, feature width, the split hash and
 the indices it was trained on, metrics; next to it a per-epoch CSV and a JSON summary.
+`check_pretrained_expert` is the one rule for whether such a file may start a fusion run.
 """
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from mcn import distributed
-from mcn.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from mcn.cli import log
+from mcn.config import absolute_paths, require_fraction, require_positive, resolved
 from mcn.data.loader import soft_targets
 from mcn.data.prepare import make_batches, prepare_data
-from mcn.engine import CsvReport, cosine_schedule, evaluate, write_json
-from mcn.errors import ConfigError
+from mcn.data.splits import Split
+from mcn.errors import CheckpointError, ConfigError
+from mcn.files import ExpertRunFiles, check_checkpoint, load_checkpoint, make_checkpoint, save_torch, write_json
+from mcn.loop import EpochLoop, Objective, evaluate
 from mcn.models import create_expert
-from mcn.optim import build_optimizer
-from mcn.recipes.common import EpochLoop, RunLogger, absolute_paths, log, require_positive, resolved
+from mcn.optim import optimizer_from_config, schedule_from_config
+from mcn.reports import CsvReport
 from mcn.runtime import Runtime, seed_everything
+from mcn.tracking import RunTracker
+
+
+def check_pretrained_expert(obj: Any, path: Path, index: int, architecture: dict, split: Split) -> dict:
+    """Whether an mcn expert file may start fusion training on `split`: it must be an expert of
+    `architecture`, trained on this split, and never on an image of the fusion holdout.
+    Returns the checkpoint; raises CheckpointError saying why not."""
+    ckpt = check_checkpoint(obj, path, component="expert")
+    if ckpt["architecture"] != architecture:
+        raise CheckpointError(
+            f"{path} is a {ckpt['architecture']} expert, but the config asks for {architecture}; "
+            f"set expert={ckpt['architecture'].get('preset')} or point experts.dir elsewhere"
+        )
+    seen = np.asarray(ckpt.get("train_indices", []), dtype=np.int64)
+    leaked = np.intersect1d(seen, split["fusion_holdout_indices"]).size
+    if leaked:
+        raise CheckpointError(
+            f"expert {index} ({path}) was trained on {leaked} images of the fusion holdout; "
+            f"retrain the experts on this split (python -m mcn.experts -m pretrain.index=...)"
+        )
+    if ckpt.get("split_hash") != split.hash:
+        raise CheckpointError(
+            f"expert {index} ({path}) was trained on split {ckpt.get('split_hash')}, but this run's split is "
+            f"{split.hash} ({split.directory}); retrain the experts or use their split"
+        )
+    return ckpt
 
 
 def randaugment(spec) -> object | None:
@@ -37,90 +73,166 @@ def randaugment(spec) -> object | None:
 
 
 class ExpertRecipe:
-    def __init__(self, cfg: DictConfig, output_dir: str | Path):
-        self.cfg, self.output_dir = absolute_paths(cfg), Path(output_dir)
-        self.index = cfg.expert.index
-        self.experts_dir = Path(cfg.paths.experts_dir)
-        self.best_name = cfg.experts.filename.format(index=self.index)
+    monitor = "accuracy"
 
+    def __init__(self, cfg: DictConfig, output_dir: str | Path):
+        self.cfg = absolute_paths(cfg)
+        self.config = resolved(self.cfg)
+        self.index = cfg.pretrain.index
+        self.files = ExpertRunFiles(Path(output_dir), Path(cfg.paths.experts_dir), cfg.experts.filename, self.index)
+
+    # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg, p = self.cfg, self.cfg.pretrain
-        require_positive(cfg, "pretrain.epochs", "pretrain.lr", "trainer.batch_size", "trainer.save_every", "experts.num")
-        if not isinstance(self.index, int) or not 0 <= self.index < cfg.experts.num:
-            raise ConfigError(f"expert.index={self.index} is outside 0..{cfg.experts.num - 1} (experts.num={cfg.experts.num})")
-        for name in ("random_erasing", "cutmix", "label_smoothing"):
-            if not 0 <= p[name] <= 1:
-                raise ConfigError(f"pretrain.{name}={p[name]} must lie in [0, 1]")
-        seed_everything(cfg.seed + self.index, cfg.trainer.deterministic)
+        cfg = self.cfg
+        self._check_config()
+        seed_everything(cfg.seed + self.index, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
         self.data = prepare_data(cfg)
-        train_set = self.data.train
-        self.model = create_expert(cfg.expert.preset, train_set.num_classes, train_set.in_channels)
+        self.model = create_expert(cfg.expert.preset, self.data.train.num_classes, self.data.train.in_channels)
         self.forward = self.runtime.prepare(self.model)
-        self.train_indices = self.data.split[f"expert_{self.index}_train_indices"]
-        self.train_batches = make_batches(self.data.part(f"expert_{self.index}_train_indices"), self.data, cfg, self.runtime,
-                                          True, cfg.seed + self.index, erasing=float(p.random_erasing),
-                                          uint8_transform=randaugment(p.randaugment))
-        self.val_batches = make_batches(self.data.part(f"expert_{self.index}_val_indices"), self.data, cfg, self.runtime, False, 0)
-        self.test_batches = make_batches(self.data.test, self.data, cfg, self.runtime, False, 0)
-        self.optimizer = build_optimizer(p.optimizer, [("lr", p.lr, self.model.parameters())], p.weight_decay,
-                                         momentum=p.momentum, fused=True if self.runtime.fused_optimizer else None,
-                                         config_key="pretrain.optimizer")
-        steps = len(self.train_batches)
-        self.scheduler = cosine_schedule(self.optimizer, p.epochs * steps, p.min_lr_ratio, p.warmup_epochs * steps)
-        self.mix_rng = torch.Generator().manual_seed(cfg.seed + self.index)
-        classes = train_set.num_classes
-        self.make_targets = lambda x, y: soft_targets(x, y, classes, float(p.label_smoothing), float(p.cutmix), self.mix_rng)
-        self.loss_weights = torch.ones(1, device=self.runtime.device)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.report = CsvReport(self.output_dir / f"expert_{self.index}_report.csv",
-                                ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
-        self.logger = RunLogger(cfg, self.output_dir, f"expert_{self.index}")
-        log.info("expert %d/%d: %s, %d train / %d val images (split %s, %s); %s", self.index, cfg.experts.num,
-                 cfg.expert.preset, len(self.train_indices), len(self.val_batches.labels), self.data.split.hash,
-                 cfg.split.scheme, self.runtime.describe())
+        self._setup_batches()
+        self._setup_optimizer()
+        self._setup_objective()
+        self._setup_outputs()
+        log.info(
+            "expert %d/%d: %s, %d train / %d val images (split %s, %s); %s",
+            self.index,
+            cfg.experts.num,
+            cfg.expert.preset,
+            len(self.train_indices),
+            len(self.val_batches.labels),
+            self.data.split.hash,
+            cfg.split.scheme,
+            self.runtime.describe(),
+        )
 
-    def checkpoint(self, epoch: int, metrics: dict) -> dict:
-        return make_checkpoint("expert", self.model, {"preset": self.cfg.expert.preset, **self.model.architecture}, epoch,
-                               index=self.index, stage="pretrain", num_features=self.model.num_features,
-                               split_hash=self.data.split.hash, train_indices=torch.as_tensor(self.train_indices),
-                               metrics=metrics, config=resolved(self.cfg))
-
-    def train(self) -> dict:
+    def _check_config(self) -> None:
         cfg = self.cfg
-        loop = EpochLoop(self.model, self.forward, self.train_batches, self.val_batches, self.loss_weights, [""],
-                         self.optimizer, self.scheduler, self.runtime, cfg.pretrain.grad_clip, self.report, self.logger,
-                         monitor="accuracy", state_path=self.output_dir / "train_state.pth", config=resolved(cfg),
-                         generators=[self.train_batches.generator, self.mix_rng], resume=cfg.trainer.resume,
-                         progress_bar=cfg.trainer.progress_bar, make_targets=self.make_targets)
-        best_file = self.output_dir / self.best_name
-        best, epochs_run, seconds = loop.run(
-            int(cfg.pretrain.epochs), int(cfg.trainer.save_every), cfg.trainer.early_stopping_patience,
-            on_best=lambda epoch, val: atomic_save(self.checkpoint(epoch, val), best_file),
-            on_save=lambda epoch, val: atomic_save(self.checkpoint(epoch, val), self.output_dir / f"expert_{self.index}_last.pth"))
-        return self.finish(best_file, best, epochs_run, seconds)
+        require_positive(
+            cfg, "pretrain.epochs", "pretrain.optim.lr", "trainer.batch_size", "trainer.save_every", "experts.num"
+        )
+        require_fraction(cfg, *(f"pretrain.augment.{k}" for k in ("random_erasing", "cutmix", "label_smoothing")))
+        if not isinstance(self.index, int) or not 0 <= self.index < cfg.experts.num:
+            raise ConfigError(
+                f"pretrain.index={self.index} is outside 0..{cfg.experts.num - 1} (experts.num={cfg.experts.num})"
+            )
 
-    def finish(self, best_file: Path, best: dict, epochs_run: int, seconds: float) -> dict:
+    def _setup_batches(self) -> None:
+        cfg, augment, data, i = self.cfg, self.cfg.pretrain.augment, self.data, self.index
+        self.train_indices = data.split[f"expert_{i}_train_indices"]
+        self.train_batches = make_batches(
+            data.part(f"expert_{i}_train_indices"),
+            data,
+            cfg,
+            self.runtime,
+            train=True,
+            seed=cfg.seed + i,
+            erasing=float(augment.random_erasing),
+            uint8_transform=randaugment(augment.randaugment),
+        )
+        self.val_batches = make_batches(data.part(f"expert_{i}_val_indices"), data, cfg, self.runtime, train=False)
+        self.test_batches = make_batches(data.test, data, cfg, self.runtime, train=False)
+
+    def _setup_optimizer(self) -> None:
+        optim = self.cfg.pretrain.optim
+        self.optimizer = optimizer_from_config(
+            optim,
+            [("lr", optim.lr, self.model.parameters())],
+            fused=True if self.runtime.fused_optimizer else None,
+            config_key="pretrain.optim.name",
+        )
+        self.scheduler = schedule_from_config(self.optimizer, optim, self.cfg.pretrain.epochs, len(self.train_batches))
+        self.grad_clip = optim.grad_clip
+
+    def _setup_objective(self) -> None:
+        augment, classes = self.cfg.pretrain.augment, self.data.train.num_classes
+        self.mix_rng = torch.Generator().manual_seed(self.cfg.seed + self.index)
+        self.generators = [self.train_batches.generator, self.mix_rng]
+
+        def make_targets(x, y):
+            return soft_targets(x, y, classes, float(augment.label_smoothing), float(augment.cutmix), self.mix_rng)
+
+        self.objective = Objective.single(self.runtime.device, make_targets=make_targets)
+
+    def _setup_outputs(self) -> None:
+        self.files.root.mkdir(parents=True, exist_ok=True)
+        self.report = CsvReport(self.files.report, ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
+        self.tracker = RunTracker(self.cfg, self.files.root, f"expert_{self.index}", self.files.tracker_id)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict:
+        trainer = self.cfg.trainer
+        loop = EpochLoop(
+            self,
+            state_path=self.files.train_state,
+            epochs=int(self.cfg.pretrain.epochs),
+            save_every=int(trainer.save_every),
+            patience=trainer.early_stopping_patience,
+            resume=trainer.resume,
+            progress_bar=trainer.progress_bar,
+        )
+        best, epochs_run, seconds = loop.run()
+        return self.finish(best, epochs_run, seconds)
+
+    # ------------------------------------------------------------------ save
+    def checkpoint(self, epoch: int, metrics: dict) -> dict:
+        return make_checkpoint(
+            "expert",
+            self.model,
+            {"preset": self.cfg.expert.preset, **self.model.architecture},
+            epoch,
+            index=self.index,
+            stage="pretrain",
+            num_features=self.model.num_features,
+            split_hash=self.data.split.hash,
+            train_indices=torch.as_tensor(self.train_indices),
+            metrics=metrics,
+            config=self.config,
+        )
+
+    def save_best(self, epoch: int, val: dict) -> None:
+        save_torch(self.checkpoint(epoch, val), self.files.best)
+
+    def save_checkpoint(self, epoch: int, val: dict) -> None:
+        save_torch(self.checkpoint(epoch, val), self.files.last)
+
+    def finish(self, best: dict, epochs_run: int, seconds: float) -> dict:
         """Test the best epoch once, then publish it (with its CSV and JSON) to the experts folder."""
         distributed.barrier()  # rank 0 has written it
-        ckpt = load_checkpoint(best_file, component="expert")
+        ckpt = load_checkpoint(self.files.best, component="expert")
         self.model.load_state_dict(ckpt["state_dict"])
-        test = evaluate(self.forward, self.test_batches, self.loss_weights, [""], self.runtime)
+        test = evaluate(self.forward, self.test_batches, self.objective, self.runtime)
         self.report.add({"phase": "test", "epoch": best["epoch"], **test, "elapsed_s": round(seconds, 2)})
-        results = {"index": self.index, "preset": self.cfg.expert.preset, "best_epoch": best["epoch"],
-                   "best_val_accuracy": best["val_accuracy"], "test_accuracy": test["accuracy"],
-                   "train_images": int(len(self.train_indices)), "split_hash": self.data.split.hash,
-                   "split_scheme": self.cfg.split.scheme, "epochs_run": epochs_run, "wall_time_s": round(seconds, 2),
-                   "parameters": sum(q.numel() for q in self.model.parameters()), "runtime": self.runtime.describe()}
+        results = {
+            "index": self.index,
+            "preset": self.cfg.expert.preset,
+            "best_epoch": best["epoch"],
+            "best_val_accuracy": best["val_accuracy"],
+            "test_accuracy": test["accuracy"],
+            "train_images": int(len(self.train_indices)),
+            "split_hash": self.data.split.hash,
+            "split_scheme": self.cfg.split.scheme,
+            "epochs_run": epochs_run,
+            "wall_time_s": round(seconds, 2),
+            "parameters": sum(q.numel() for q in self.model.parameters()),
+            "runtime": self.runtime.describe(),
+        }
         ckpt["metrics"] = {**ckpt["metrics"], "test_accuracy": test["accuracy"]}
-        atomic_save(ckpt, self.experts_dir / self.best_name)
-        write_json(self.experts_dir / f"expert_{self.index}_results.json", results)
+        save_torch(ckpt, self.files.published)
+        write_json(self.files.results, results)
         if distributed.is_main():
-            shutil.copyfile(self.report.path, self.experts_dir / self.report.path.name)
-        log.info("expert %d: best epoch %d, val %.4f, test %.4f -> %s", self.index, best["epoch"], best["val_accuracy"],
-                 test["accuracy"], self.experts_dir / self.best_name)
+            shutil.copyfile(self.files.report, self.files.published_report)
+        log.info(
+            "expert %d: best epoch %d, val %.4f, test %.4f -> %s",
+            self.index,
+            best["epoch"],
+            best["val_accuracy"],
+            test["accuracy"],
+            self.files.published,
+        )
         return results
 
-    def cleanup(self, failed: bool = False) -> None:
-        if hasattr(self, "logger"):
-            self.logger.finish(failed)
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self, *, failed: bool = False) -> None:
+        if hasattr(self, "tracker"):
+            self.tracker.finish(failed)

@@ -1,0 +1,354 @@
+"""The training loop: the loss, one training epoch, one evaluation pass, and the epoch loop around them.
+
+A model's output is viewed as a stack of heads, logits [H, B, C]: the MCN's global head followed by
+every expert's own head, or a lone expert's classifier. One weighted cross-entropy over the heads
+gives the dual-path loss `CE(global) + alpha * sum_k CE(expert_k)` (docs/reference.md §3); one
+evaluation pass gives every head's accuracy plus the experts' logit average and oracle. Metrics are
+accumulated on the device and read once per epoch: no host synchronisation per step.
+
+`EpochLoop` runs the epochs of a recipe (fusion training or expert pretraining): train, validate,
+report, keep the best on validation, save, resume, stop early or on a signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from mcn import distributed
+from mcn.cli import log
+from mcn.config import resume_changes
+from mcn.errors import ConfigError
+from mcn.files import clean_state_dict, load_train_state, restore_rng, rng_state, save_train_state
+from mcn.runtime import Runtime
+
+
+def stacked_logits(output) -> torch.Tensor:
+    """MCN output (global [B, C], experts [K, B, C]) or plain logits [B, C] -> [H, B, C]."""
+    if isinstance(output, tuple):
+        global_logits, expert_logits = output
+        return torch.cat([global_logits[None], expert_logits])
+    return output[None]
+
+
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """logits [H, B, C]; targets [B] class ids or [B, C] probabilities; weights [H]."""
+    h, b, c = logits.shape
+    targets = targets.repeat(h) if targets.dim() == 1 else targets.repeat(h, 1)
+    per_sample = F.cross_entropy(logits.reshape(h * b, c).float(), targets, reduction="none")
+    return per_sample.view(h, b).mean(dim=1) @ weights
+
+
+@dataclass
+class Objective:
+    """What a training step minimises, and how the heads are named in the reports.
+
+    `weights[h]` weighs head h's cross-entropy (the global head 1, each expert alpha);
+    `make_targets(x, y) -> (x, targets)` may mix inputs (CutMix) or soften labels.
+    Head "x" reports `x_accuracy`; a lone unnamed head ("") reports `accuracy`.
+    """
+
+    head_names: list[str]
+    weights: torch.Tensor
+    make_targets: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @classmethod
+    def dual_path(cls, num_experts: int, alpha: float, device: torch.device, **kwargs) -> Objective:
+        """The MCN's loss: CE(global) + alpha * sum_k CE(expert_k)."""
+        weights = torch.tensor([1.0] + [float(alpha)] * num_experts, device=device)
+        return cls(["global"] + [f"expert_{i}" for i in range(num_experts)], weights, **kwargs)
+
+    @classmethod
+    def single(cls, device: torch.device, **kwargs) -> Objective:
+        """One classifier, one cross-entropy."""
+        return cls([""], torch.ones(1, device=device), **kwargs)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return weighted_cross_entropy(logits, targets, self.weights)
+
+    @property
+    def has_ensemble(self) -> bool:
+        """A global head plus at least two experts: the logit average and oracle are defined."""
+        return len(self.head_names) > 2
+
+
+class HeadMetrics:
+    """Sums of loss and per-head correct counts, kept on the device until `compute()`."""
+
+    def __init__(self, head_names: list[str], device: torch.device, *, ensemble: bool, sharded: bool = False):
+        self.head_names, self.ensemble, self.sharded = head_names, ensemble, sharded
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros(len(head_names) + 2 * ensemble, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        hits = logits.argmax(-1) == labels  # [H, B]
+        extra = []
+        if self.ensemble:  # over the expert heads (all heads after the global one)
+            extra = [(logits[1:].float().mean(0).argmax(-1) == labels).sum()[None], hits[1:].any(0).sum()[None]]
+        self.correct += torch.cat([hits.sum(1), *extra]).float()
+        self.loss += loss.detach().float() * labels.numel()
+        self.count += labels.numel()
+
+    def compute(self) -> dict[str, float]:
+        sums = torch.cat([self.loss[None], torch.tensor([float(self.count)], device=self.loss.device), self.correct])
+        if self.sharded:  # each process saw its own share of the batches
+            distributed.all_reduce_sum(sums)
+        values = sums.tolist()  # the one host sync of the epoch
+        loss, count = values[0], max(1.0, values[1])
+        correct = [c / count for c in values[2:]]
+        names = self.head_names + (["ensemble", "oracle"] if self.ensemble else [])
+        out = {"loss": round(loss / count, 6)}
+        out.update({f"{name}_accuracy" if name else "accuracy": round(acc, 6) for name, acc in zip(names, correct)})
+        return out
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    batches: Iterable,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    runtime: Runtime,
+    *,
+    grad_clip: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """One pass over `batches`; `should_stop()` is asked after every step (a signal arrived) and ends the pass early."""
+    model.train()
+    metrics = HeadMetrics(objective.head_names, runtime.device, ensemble=False, sharded=runtime.dist.enabled)
+    for x, y in batches:
+        targets = y
+        if objective.make_targets is not None:
+            x, targets = objective.make_targets(x, y)
+        with runtime.autocast():
+            logits = stacked_logits(model(x))
+        loss = objective.loss(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        metrics.update(logits, y, loss)
+        if should_stop is not None and should_stop():
+            break
+    return metrics.compute()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable, objective: Objective, runtime: Runtime) -> dict[str, float]:
+    """One forward per batch gives every head's accuracy (and, with several experts, ensemble and oracle)."""
+    model.eval()
+    metrics = HeadMetrics(objective.head_names, runtime.device, ensemble=objective.has_ensemble)
+    for x, y in batches:
+        with runtime.autocast():
+            logits = stacked_logits(model(x))
+        metrics.update(logits, y, weighted_cross_entropy(logits, y, objective.weights))
+    return metrics.compute()
+
+
+def progress(iterable, total: int, desc: str, enabled):
+    """A tqdm bar when interactive (or when forced), else the iterable itself."""
+    if enabled == "auto":
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class LoopRecipe(Protocol):
+    """What `EpochLoop` needs from a recipe (set up by the recipe's `setup()`)."""
+
+    model: torch.nn.Module  # what the train state saves
+    forward: torch.nn.Module  # what is called: the model, compiled and/or wrapped for several processes
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    runtime: Runtime
+    train_batches: Iterable
+    val_batches: Iterable
+    generators: list[torch.Generator]  # random streams of the recipe's own, saved with the train state
+    config: dict  # the resolved config, saved with the train state and compared on resume
+    monitor: str  # the validation metric that decides "best"
+    grad_clip: float | None
+    report: object  # mcn.reports.CsvReport
+    tracker: object  # mcn.tracking.RunTracker
+
+    def save_best(self, epoch: int, val: dict) -> None: ...
+
+    def save_checkpoint(self, epoch: int, val: dict) -> None: ...
+
+
+class EpochLoop:
+    """Train, validate, report, keep the best (on validation only), save every `save_every` epochs and at
+    the end, stop early after `patience` epochs without a better validation metric.
+
+    Resume: after every epoch the whole training state (model, optimiser, scheduler, epoch, best so
+    far, every RNG stream) goes atomically to `state_path`; a job that finds that file continues after
+    its epoch (`resume`: auto, force = even with a changed config, never).
+    SIGUSR2 (Slurm's pre-timeout signal) or SIGTERM stops the loop at the next step boundary; the
+    unfinished epoch is dropped (the state on disk is the last finished one), then USR2 goes on to
+    the handler that was there before (submitit's: requeue) and TERM ends the job.
+    """
+
+    def __init__(
+        self,
+        recipe: LoopRecipe,
+        *,
+        state_path: Path,
+        epochs: int,
+        save_every: int,
+        patience: int | None = None,
+        resume: str = "auto",
+        progress_bar="auto",
+    ):
+        self.recipe, self.state_path = recipe, Path(state_path)
+        self.epochs, self.save_every, self.patience = epochs, save_every, patience
+        self.resume, self.progress_bar = resume, progress_bar
+        self.signal = None
+        self.last_saved = 0
+
+    def learning_rates(self) -> dict[str, float]:
+        return {g["role"]: g["lr"] for g in self.recipe.optimizer.param_groups}
+
+    def save_state(self, epoch: int, best: dict, elapsed: float) -> None:
+        r = self.recipe
+        save_train_state(
+            self.state_path,
+            epoch=epoch,
+            best=best,
+            elapsed_s=elapsed,
+            model=clean_state_dict(r.model.state_dict()),
+            optimizer=r.optimizer.state_dict(),
+            scheduler=r.scheduler.state_dict(),
+            rng=rng_state(r.generators),
+            config=r.config,
+        )
+
+    def load_state(self) -> dict | None:
+        if self.resume == "never" or not self.state_path.exists():
+            return None
+        r = self.recipe
+        state = load_train_state(self.state_path)
+        changes = resume_changes(state["config"], r.config)
+        if changes and self.resume != "force":
+            raise ConfigError(
+                f"{self.state_path} was written with another config ({'; '.join(changes)}); set trainer.resume=force "
+                f"to continue with the new values, or trainer.resume=never to start over"
+            )
+        if changes:
+            log.warning("resuming with a changed config: %s", "; ".join(changes))
+        r.model.load_state_dict(state["model"])
+        r.optimizer.load_state_dict(state["optimizer"])
+        r.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], r.generators)
+        log.info(
+            "resumed from %s after epoch %d (best %.4f @%d)",
+            self.state_path,
+            state["epoch"],
+            state["best"]["val_accuracy"],
+            state["best"]["epoch"],
+        )
+        return state
+
+    def stop_requested(self) -> bool:
+        """Asked after every step; with several processes they agree, so all stop at the same step."""
+        stop = distributed.any_process(self.signal is not None, self.recipe.runtime.device)
+        if stop and self.signal is None:  # another process got the signal
+            self.signal = signal.SIGTERM
+        return stop
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning(
+            "caught %s: stopping at the next step; the state of epoch %s is on disk",
+            signal.Signals(signum).name,
+            self.last_saved,
+        )
+
+    def run(self) -> tuple[dict, int, float]:
+        """Returns (best {"epoch", "val_accuracy"}, epochs run, seconds)."""
+        r, epochs = self.recipe, self.epochs
+        state = self.load_state()
+        if state:
+            first, best, before = state["epoch"] + 1, state["best"], state["elapsed_s"]
+        else:
+            first, best, before = 1, {"epoch": 0, "val_accuracy": -1.0}, 0.0
+        self.last_saved = first - 1
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR2, signal.SIGTERM)}
+        start, epoch = time.time() - before, first - 1
+        try:
+            for epoch in range(first, epochs + 1):
+                lrs = self.learning_rates()
+                batches = progress(r.train_batches, len(r.train_batches), f"epoch {epoch}/{epochs}", self.progress_bar)
+                train = train_epoch(
+                    r.forward,
+                    batches,
+                    r.objective,
+                    r.optimizer,
+                    r.scheduler,
+                    r.runtime,
+                    grad_clip=r.grad_clip,
+                    should_stop=self.stop_requested,
+                )
+                if self.signal is not None:
+                    break
+                val = evaluate(r.forward, r.val_batches, r.objective, r.runtime)
+                elapsed = time.time() - start
+                for phase, metrics in (("train", train), ("val", val)):
+                    r.report.add({"phase": phase, "epoch": epoch, **metrics, **lrs, "elapsed_s": round(elapsed, 2)})
+                r.tracker.log(
+                    {**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()}, **lrs},
+                    epoch,
+                )
+                if val[r.monitor] > best["val_accuracy"]:
+                    best = {"epoch": epoch, "val_accuracy": val[r.monitor]}
+                    r.save_best(epoch, val)
+                log.info(
+                    "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f%s | best %.4f @%d | %.1fs",
+                    epoch,
+                    epochs,
+                    train["loss"],
+                    train[r.monitor],
+                    val["loss"],
+                    val[r.monitor],
+                    f" ens {val['ensemble_accuracy']:.4f}" if "ensemble_accuracy" in val else "",
+                    best["val_accuracy"],
+                    best["epoch"],
+                    elapsed,
+                )
+                stop = self.patience is not None and epoch - best["epoch"] >= self.patience
+                if epoch % self.save_every == 0 or epoch == epochs or stop:
+                    r.save_checkpoint(epoch, val)
+                self.save_state(epoch, best, elapsed)
+                self.last_saved = epoch
+                if stop:
+                    log.info("early stopping: no better validation accuracy for %d epochs", self.patience)
+                    break
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.signal is not None:
+            self.hand_over(previous.get(self.signal))
+        return best, epoch, time.time() - start
+
+    def hand_over(self, handler) -> None:
+        """After a signal: let submitit requeue (its USR2 handler), else end the job; never finish the run."""
+        if self.signal == signal.SIGUSR2 and callable(handler):
+            handler(self.signal, None)  # submitit: checkpoint, `scontrol requeue`, exit
+        raise SystemExit(128 + self.signal)
