@@ -80,6 +80,10 @@ class FusionRunFiles:
     def tracker_id(self) -> Path:
         return self.root / "wandb_run_id.txt"
 
+    @property
+    def status(self) -> Path:
+        return self.root / "run_status.json"
+
 
 # a fusion run's file names, read back: (component, pattern with the claims the name makes)
 COMPONENT_PATTERNS = [
@@ -143,6 +147,10 @@ class ExpertRunFiles:
     @property
     def tracker_id(self) -> Path:
         return self.root / "wandb_run_id.txt"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "run_status.json"
 
 
 def pretrained_expert_path(experts_dir: str | Path, filename: str, index: int) -> Path:

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -30,6 +29,7 @@ from mcn.config import resume_changes
 from mcn.errors import ConfigError
 from mcn.files import clean_state_dict, load_train_state, restore_rng, rng_state, save_train_state
 from mcn.runtime import Runtime
+from mcn.status import RunStatus
 
 
 def stacked_logits(output) -> torch.Tensor:
@@ -180,6 +180,7 @@ class LoopRecipe(Protocol):
     runtime: Runtime
     train_batches: Iterable
     val_batches: Iterable
+    files: object  # its run folder's names (mcn.files): `train_state`, `status`
     generators: list[torch.Generator]  # random streams of the recipe's own, saved with the train state
     config: dict  # the resolved config, saved with the train state and compared on resume
     monitor: str  # the validation metric that decides "best"
@@ -208,14 +209,13 @@ class EpochLoop:
         self,
         recipe: LoopRecipe,
         *,
-        state_path: Path,
         epochs: int,
         save_every: int,
         patience: int | None = None,
         resume: str = "auto",
         progress_bar="auto",
     ):
-        self.recipe, self.state_path = recipe, Path(state_path)
+        self.recipe, self.state_path, self.status = recipe, recipe.files.train_state, RunStatus(recipe.files.status)
         self.epochs, self.save_every, self.patience = epochs, save_every, patience
         self.resume, self.progress_bar = resume, progress_bar
         self.signal = None
@@ -337,6 +337,7 @@ class EpochLoop:
                     r.save_checkpoint(epoch, val)
                 self.save_state(epoch, best, elapsed)
                 self.last_saved = epoch
+                self.status.progress(epoch, epochs, best)
                 if stop:
                     log.info("early stopping: no better validation accuracy for %d epochs", self.patience)
                     break
@@ -344,6 +345,7 @@ class EpochLoop:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if self.signal is not None:
+            self.status.interrupted(f"{signal.Signals(self.signal).name} during epoch {self.last_saved + 1}")
             self.hand_over(previous.get(self.signal))
         return best, epoch, time.time() - start
 

@@ -6,6 +6,7 @@ import torch
 from mcn.errors import CheckpointError, ConfigError, DataError
 from mcn.files import make_checkpoint, save_torch
 from mcn.models import create_expert
+from mcn.status import read_status
 from mcn.train import run
 
 from conftest import compose_cfg, run_cli
@@ -19,9 +20,11 @@ def run_expecting(tmp_path, overrides, error, match):
     cfg = compose_cfg(tmp_path, overrides)
     out = tmp_path / "job"
     out.mkdir(exist_ok=True)
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as raised:
         run(cfg, str(out))
     assert written_checkpoints(out) == []
+    status = read_status(out / "run_status.json")  # the run's folder says why it failed
+    assert status["state"] == "failed" and status["error"] == str(raised.value)
 
 
 def test_unknown_fusion_group_option_lists_the_known_ones(tmp_path):

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 import mcn.loop as loop
 from mcn.config import config_changes, resume_changes
 from mcn.errors import CheckpointError, ConfigError
-from mcn.files import save_torch
+from mcn.files import FusionRunFiles, save_torch
 from mcn.loop import EpochLoop, Objective
 from mcn.runtime import Runtime
 from mcn.tracking import RunTracker
@@ -19,8 +19,9 @@ class ScriptedRecipe:
     monitor = "accuracy"
     grad_clip = None
 
-    def __init__(self, val_accuracy: list[float]):
+    def __init__(self, val_accuracy: list[float], root):
         self.val_accuracy = val_accuracy
+        self.files = FusionRunFiles(root, "scripted")
         self.model = torch.nn.Linear(2, 2)
         self.forward = self.model
         self.objective = Objective.single(torch.device("cpu"))
@@ -50,7 +51,7 @@ class ScriptedRecipe:
 
 
 @pytest.fixture
-def scripted(monkeypatch):
+def scripted(monkeypatch, tmp_path):
     """Validation returns the recipe's scripted accuracy for the epoch being evaluated."""
 
     def evaluate(forward, batches, objective, runtime):
@@ -60,7 +61,7 @@ def scripted(monkeypatch):
         return {"loss": 1.0, "accuracy": recipe.val_accuracy[epoch - 1]}
 
     def make(val_accuracy):
-        recipe = ScriptedRecipe(val_accuracy)
+        recipe = ScriptedRecipe(val_accuracy, tmp_path)
         recipe.evaluated = []
         evaluate.recipe = recipe
         return recipe
@@ -71,7 +72,7 @@ def scripted(monkeypatch):
 
 def test_saves_every_n_epochs_at_the_end_and_the_best_on_validation(scripted, tmp_path):
     recipe = scripted([0.1, 0.5, 0.4, 0.6, 0.6, 0.2, 0.3])
-    best, epochs_run, _ = EpochLoop(recipe, state_path=tmp_path / "state.pth", epochs=7, save_every=3).run()
+    best, epochs_run, _ = EpochLoop(recipe, epochs=7, save_every=3).run()
     assert recipe.saved == [3, 6, 7]  # every 3 epochs and the last
     assert recipe.best == [1, 2, 4]  # strictly better only: a tie (epoch 5) keeps the earlier epoch
     assert best == {"epoch": 4, "val_accuracy": 0.6} and epochs_run == 7
@@ -79,32 +80,28 @@ def test_saves_every_n_epochs_at_the_end_and_the_best_on_validation(scripted, tm
 
 def test_early_stopping_after_patience_epochs_without_progress(scripted, tmp_path):
     recipe = scripted([0.1, 0.5, 0.4, 0.45, 0.3, 0.9])
-    best, epochs_run, _ = EpochLoop(
-        recipe, state_path=tmp_path / "state.pth", epochs=6, save_every=10, patience=3
-    ).run()
+    best, epochs_run, _ = EpochLoop(recipe, epochs=6, save_every=10, patience=3).run()
     assert epochs_run == 5 and best["epoch"] == 2  # epochs 3, 4, 5 brought nothing: stop after 5
     assert recipe.saved == [5]  # the stopping epoch is saved
 
 
 def test_resume_continues_after_the_saved_epoch_with_the_best_so_far(scripted, tmp_path):
-    state = tmp_path / "state.pth"
-    EpochLoop(scripted([0.3, 0.7, 0.5]), state_path=state, epochs=3, save_every=10).run()
+    EpochLoop(scripted([0.3, 0.7, 0.5]), epochs=3, save_every=10).run()
     recipe = scripted([0.3, 0.7, 0.5, 0.6, 0.8])
     recipe.evaluated = [1, 2, 3]  # epochs 1-3 are behind us
-    best, epochs_run, _ = EpochLoop(recipe, state_path=state, epochs=5, save_every=10).run()
+    best, epochs_run, _ = EpochLoop(recipe, epochs=5, save_every=10).run()
     assert recipe.evaluated == [1, 2, 3, 4, 5] and recipe.best == [5] and best == {"epoch": 5, "val_accuracy": 0.8}
 
 
 def test_resume_refuses_a_changed_config_and_a_foreign_state_file(scripted, tmp_path):
-    state = tmp_path / "state.pth"
-    EpochLoop(scripted([0.3, 0.7]), state_path=state, epochs=2, save_every=10).run()
+    EpochLoop(scripted([0.3, 0.7]), epochs=2, save_every=10).run()
     recipe = scripted([0.3, 0.7, 0.5])
     recipe.config = {"trainer": {"alpha": 2.0}}
     with pytest.raises(ConfigError, match=r"trainer.alpha: 1.0 -> 2.0.*trainer.resume=force"):
-        EpochLoop(recipe, state_path=state, epochs=3, save_every=10).run()
-    save_torch({"format": "something-else"}, state)
+        EpochLoop(recipe, epochs=3, save_every=10).run()
+    save_torch({"format": "something-else"}, tmp_path / "train_state.pth")
     with pytest.raises(CheckpointError, match=r"not an mcn train state \(format 'something-else'"):
-        EpochLoop(scripted([0.3]), state_path=state, epochs=1, save_every=10).run()
+        EpochLoop(scripted([0.3]), epochs=1, save_every=10).run()
 
 
 def test_config_changes_name_every_changed_leaf():

@@ -9,6 +9,7 @@ import pytest
 
 import mcn.loop as loop
 from mcn.errors import ConfigError
+from mcn.status import read_status
 from mcn.train import run
 
 from conftest import compose_cfg
@@ -56,8 +57,12 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch
     assert [r["epoch"] for r in rows(tmp_path / "job") if r["phase"] == "val"] == ["1", "2"]
     assert not list((tmp_path / "job").glob("fusion_training_results_*.json"))
     assert signal.getsignal(signum) is not None  # our handler was taken off again
+    status = read_status(tmp_path / "job" / "run_status.json")
+    assert status["state"] == "interrupted" and status["epoch"] == 2 and signal.Signals(signum).name in status["error"]
     monkeypatch.undo()
     run(cfg(), str(tmp_path / "job"))
+    status = read_status(tmp_path / "job" / "run_status.json")
+    assert (status["state"], status["starts"], status["epoch"], status["epochs"]) == ("done", 2, 4, 4)
     assert rows(tmp_path / "job") == rows(uninterrupted)  # each epoch once, same numbers
     assert results(tmp_path / "job") == results(uninterrupted)
 

@@ -7,16 +7,27 @@
 from __future__ import annotations
 
 from mcn import distributed
+from mcn.errors import MCNError
+from mcn.status import RunStatus
 
 
 def run_recipe(recipe) -> dict:
-    """setup -> train -> cleanup; the tracker is closed (as failed) even when training raises."""
+    """setup -> train -> cleanup, with the run's state kept in its folder (`mcn.status`); the tracker is
+    closed (as failed) even when training raises."""
+    status = RunStatus(recipe.files.status)
+    status.started()
     failed = True
     try:
         recipe.setup()
         results = recipe.train()
         failed = False
+        status.done()
         return results
+    except SystemExit:  # a signal ended the loop, which has recorded it
+        raise
+    except Exception as e:
+        status.failed(str(e) if isinstance(e, MCNError) else f"{type(e).__name__}: {e}")
+        raise
     finally:
         recipe.cleanup(failed=failed)
         distributed.cleanup()

@@ -164,7 +164,6 @@ class ExpertRecipe:
         trainer = self.cfg.trainer
         loop = EpochLoop(
             self,
-            state_path=self.files.train_state,
             epochs=int(self.cfg.pretrain.epochs),
             save_every=int(trainer.save_every),
             patience=trainer.early_stopping_patience,

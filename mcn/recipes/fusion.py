@@ -188,7 +188,6 @@ class FusionRecipe:
         self.initial_test = evaluate(self.forward, self.test_batches, self.objective, self.runtime)
         loop = EpochLoop(
             self,
-            state_path=self.files.train_state,
             epochs=int(trainer.epochs),
             save_every=int(trainer.save_every),
             patience=trainer.early_stopping_patience,
