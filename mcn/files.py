@@ -98,12 +98,20 @@ RESULTS_PATTERN = re.compile(r"^fusion_training_results_(?P<type>\w+)\.json$")
 
 
 def find_fusion_runs(root: Path) -> list[FusionRunFiles]:
-    """Every fusion run under `root`: a folder holding a report CSV or a results JSON."""
+    """Every fusion run under `root`: a folder holding a report CSV, a results JSON, or the run status of a
+    fusion run (one that failed before its first epoch has only that)."""
     runs = set()
     for path in root.rglob("fusion_*"):
         match = REPORT_PATTERN.match(path.name) or RESULTS_PATTERN.match(path.name)
         if match and path.is_file():
             runs.add(FusionRunFiles(path.parent, match["type"]))
+    for path in root.rglob("run_status.json"):
+        try:
+            status = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if status.get("stage") == "fusion" and status.get("fusion_type"):
+            runs.add(FusionRunFiles(path.parent, status["fusion_type"]))
     return sorted(runs, key=lambda r: (str(r.root), r.fusion_type))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mcn import distributed
 from mcn.files import find_fusion_runs, read_csv, write_csv, write_text
+from mcn.status import read_status
 
 
 class CsvReport:
@@ -44,22 +45,25 @@ SUMMARY_COLUMNS = [
     "parameters",
     "epochs_run",
     "wall_time_s",
+    "reason",
     "folder",
 ]
-
-
-def _status(folder: Path) -> str:
-    """'failed' when the job log ends in an error, else 'running' (no results yet)."""
-    logs = sorted(folder.glob("*.log"))
-    text = logs[-1].read_text(errors="replace") if logs else ""
-    return "failed" if ("error" in text.lower().splitlines()[-1] if text.strip() else False) else "running"
 
 
 def collect_runs(root: str | Path) -> list[dict]:
     rows = []
     for run in find_fusion_runs(Path(root)):
-        if not run.results.exists():
-            rows.append({"fusion_type": run.fusion_type, "status": _status(run.root), "folder": str(run.root)})
+        if not run.results.exists():  # not finished: say where it stands, and why it stopped
+            status = read_status(run.status) or {}
+            rows.append(
+                {
+                    "fusion_type": run.fusion_type,
+                    "status": status.get("state", "running"),
+                    "reason": status.get("error"),
+                    "epochs_run": status.get("epoch"),
+                    "folder": str(run.root),
+                }
+            )
             continue
         r = json.loads(run.results.read_text())
         rows.append(

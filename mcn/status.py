@@ -1,8 +1,9 @@
 """A run's state on disk, `run_status.json` in its folder: what `mcn.evaluate` and sweep tools read.
 
-Fields: `state` (running | done | failed | interrupted), `starts` (how many times a job started in
-this folder: 1 + restarts and requeues), `epoch` / `epochs` (progress), `best_epoch` /
-`best_val_accuracy`, `error` (one line, for failed and interrupted runs), `slurm_job_id`, `updated`.
+Fields: `stage` (fusion | expert) with `fusion_type` or `index`; `state` (running | done | failed |
+interrupted); `starts` (how many times a job started in this folder: 1 + restarts and requeues);
+`epoch` / `epochs` (progress); `best_epoch` / `best_val_accuracy`; `error` (one line, for failed and
+interrupted runs); `slurm_job_id`; `updated`.
 Only rank 0 writes; every write is atomic.
 """
 
@@ -14,8 +15,6 @@ import time
 from pathlib import Path
 
 from mcn.files import write_json
-
-STATES = ("running", "done", "failed", "interrupted")
 
 
 def read_status(path: str | Path) -> dict | None:
@@ -35,9 +34,11 @@ class RunStatus:
         status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_json(self.path, status)
 
-    def started(self) -> None:
+    def started(self, **identity) -> None:
+        """A job starts in this folder; `identity`: what the run is (stage, fusion type or expert index)."""
         previous = read_status(self.path) or {}
         self._update(
+            **identity,
             state="running",
             starts=previous.get("starts", 0) + 1,
             error=None,

@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from mcn import components
-from mcn.errors import CheckpointError, MCNError
+from mcn.errors import CheckpointError, ConfigError, MCNError
 from mcn.evaluate import main as evaluate_main
 from mcn.files import load_file
+from mcn.status import RunStatus
 from mcn.train import run
 
 from conftest import accuracy, compose_cfg, plain_test_predictions
@@ -174,13 +175,12 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
 def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path):
     sweep_dir, runs = sweep
     running = sweep_dir / "3_fusion=TransformerBase"
-    failed = sweep_dir / "4_fusion=simpleAddition"
-    for folder, log in ((running, "[mcn][INFO] - epoch 1/4 ...\n"), (failed, "[mcn][ERROR] - error: out of memory\n")):
-        folder.mkdir(exist_ok=True)
-        (folder / f"fusion_{folder.name.split('=')[1]}_report.csv").write_text(
-            "phase,epoch,global_accuracy\nval,1,0.5\n"
-        )
-        (folder / "train.log").write_text(log)
+    status = RunStatus(running / "run_status.json")  # a job in its second epoch
+    status.started(stage="fusion", fusion_type="TransformerBase")
+    status.progress(1, 4, {"epoch": 1, "val_accuracy": 0.5})
+    failed = sweep_dir / "4_fusion=simpleAddition"  # a job that failed before its first epoch
+    with pytest.raises(ConfigError):
+        run(compose_cfg(tmp_path, ["fusion=simpleAddition", "trainer.batch_size=0"]), str(failed))
     out = tmp_path / "fusion_performance_summary.csv"
     assert evaluate_main([str(sweep_dir), "--output_file", str(out)]) == 0
     with open(out) as f:
@@ -192,6 +192,10 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
         ("TransformerBase", "running"),
         ("simpleAddition", "failed"),
     ]
+    assert (
+        rows[3]["epochs_run"] == "1"
+        and rows[4]["reason"] == "trainer.batch_size=0 must be a positive number; e.g. trainer.batch_size=10"
+    )
     for row, (folder, results) in zip(rows, runs.values()):
         saved = json.loads((folder / f"fusion_training_results_{results['fusion_type']}.json").read_text())
         assert float(row["test_accuracy"]) == pytest.approx(saved["test_accuracy"], abs=5e-5)

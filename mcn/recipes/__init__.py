@@ -15,7 +15,7 @@ def run_recipe(recipe) -> dict:
     """setup -> train -> cleanup, with the run's state kept in its folder (`mcn.status`); the tracker is
     closed (as failed) even when training raises."""
     status = RunStatus(recipe.files.status)
-    status.started()
+    status.started(**recipe.identity)
     failed = True
     try:
         recipe.setup()

@@ -80,6 +80,7 @@ class ExpertRecipe:
         self.config = resolved(self.cfg)
         self.index = cfg.pretrain.index
         self.files = ExpertRunFiles(Path(output_dir), Path(cfg.paths.experts_dir), cfg.experts.filename, self.index)
+        self.identity = {"stage": "expert", "index": self.index}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:

@@ -60,6 +60,7 @@ class FusionRecipe:
         self.config = resolved(self.cfg)
         self.fusion_type = cfg.fusion.name
         self.files = FusionRunFiles(Path(output_dir), self.fusion_type)
+        self.identity = {"stage": "fusion", "fusion_type": self.fusion_type}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
