@@ -25,11 +25,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mcn.cli import one_line_errors
+from mcn.cli import ArgumentParser, one_line_errors
 from mcn.data.prepare import make_batches, prepare_data
 from mcn.errors import CheckpointError, MCNError
 from mcn.files import COMPONENT_PATTERNS, FusionRunFiles, load_checkpoint, load_weights
-from mcn.loop import Objective, evaluate
+from mcn.loop import UNDEFINED, Objective, evaluate
 from mcn.models import MCN, build_expert, build_fusion, build_mcn
 from mcn.runtime import Runtime
 
@@ -241,18 +241,23 @@ def evaluate_model(model: nn.Module, checkpoint_dir: str | Path, split: str = "t
     return evaluate(forward, make_batches(images[split], data, cfg, runtime, train=False), objective, runtime)
 
 
-def _epochs(text: str | None) -> list[int] | None:
-    return None if text is None else [int(v) for v in text.split(",")]
+def _epochs(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of epochs, e.g. 10,20,20,20"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcn.components", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m mcn.components", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint_dir", required=True, help="a fusion run's output folder")
     parser.add_argument("--action", required=True, choices=["list", "reconstruct", "load_complete"])
     parser.add_argument("--fusion_type", help="needed when the folder holds several")
     parser.add_argument("--num_experts", type=int, help="reconstruct: use experts 0..N-1 (1: expert 0 alone)")
     parser.add_argument("--epoch", type=int, help="the epoch of every component (default: the best epoch)")
-    parser.add_argument("--expert_epochs", help="reconstruct: one epoch per expert, e.g. 10,20,20,20")
+    parser.add_argument("--expert_epochs", type=_epochs, help="reconstruct: one epoch per expert, e.g. 10,20,20,20")
     parser.add_argument("--fusion_epoch", type=int, help="reconstruct: the fusion module's epoch")
     parser.add_argument("--global_epoch", type=int, help="reconstruct: the global head's epoch")
     parser.add_argument("--fusion_file", help="reconstruct: a fusion module file from another run")
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.fusion_type,
                 args.num_experts,
                 args.epoch,
-                _epochs(args.expert_epochs),
+                args.expert_epochs,
                 args.fusion_epoch,
                 args.global_epoch,
                 args.fusion_file,
@@ -290,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  experts: " + " ".join(f"{metrics[f'expert_{i}_accuracy']:.4f}" for i in range(len(model.experts))))
         if "ensemble_accuracy" in metrics:
             print(f"  logit average: {metrics['ensemble_accuracy']:.4f}  oracle: {metrics['oracle_accuracy']:.4f}")
+        else:
+            print(f"  logit average, oracle: {UNDEFINED}")
         return 0
 
 

@@ -1,8 +1,10 @@
-"""The one exception type the entrypoints turn into a one-line message (no traceback)."""
+"""The exceptions the entrypoints turn into a one-line message (no traceback)."""
 
 
 class MCNError(Exception):
-    """Bad input a user can fix: the message names the bad value and the fix."""
+    """Bad input or a fault a user can fix: the message names the bad value or path and the fix."""
+
+    exit_status = 2
 
 
 class ConfigError(MCNError):
@@ -15,3 +17,21 @@ class CheckpointError(MCNError):
 
 class DataError(MCNError):
     pass
+
+
+class StorageError(MCNError):
+    """A file could not be written (full disk, read-only folder); nothing half-written is left behind."""
+
+    exit_status = 1
+
+
+class TrainingDiverged(MCNError):
+    """The loss stopped being a finite number."""
+
+    exit_status = 1
+
+
+class RunInterrupted(MCNError):
+    """Ctrl-C: the run stopped at a step boundary; its last finished epoch is on disk."""
+
+    exit_status = 130

@@ -10,10 +10,9 @@ Runs without results are listed as running or failed.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from mcn.cli import one_line_errors
+from mcn.cli import ArgumentParser, one_line_errors
 from mcn.errors import MCNError
 from mcn.files import FusionRunFiles, read_csv
 from mcn.reports import collect_runs, markdown_table, write_summary
@@ -72,7 +71,7 @@ def plot(rows: list[dict], prefix: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcn.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m mcn.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="a sweep (or pipeline) folder holding fusion runs")
     parser.add_argument("--output_file", help="CSV path (default: <sweep>/fusion_performance_summary.csv)")
     args = parser.parse_args(argv)
@@ -100,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ensemble_test_accuracy",
                     "oracle_test_accuracy",
                     "expert_test_accuracy",
+                    "reason",
                 ],
             )
         )

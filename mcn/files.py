@@ -19,10 +19,13 @@ import ast
 import csv
 import io
 import json
+import math
 import os
 import pickle
 import random
 import re
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from mcn import distributed
-from mcn.errors import CheckpointError
+from mcn.errors import CheckpointError, MCNError, StorageError
 
 CHECKPOINT_FORMAT = "mcn-checkpoint-v1"
 TRAIN_STATE_FORMAT = "mcn-train-state-v1"
@@ -103,9 +106,11 @@ def find_fusion_runs(root: Path) -> list[FusionRunFiles]:
     runs = set()
     for path in root.rglob("fusion_*"):
         match = REPORT_PATTERN.match(path.name) or RESULTS_PATTERN.match(path.name)
-        if match and path.is_file():
+        if match and path.is_file() and not _hidden(path.relative_to(root)):
             runs.add(FusionRunFiles(path.parent, match["type"]))
     for path in root.rglob("run_status.json"):
+        if _hidden(path.relative_to(root)):
+            continue
         try:
             status = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -113,6 +118,11 @@ def find_fusion_runs(root: Path) -> list[FusionRunFiles]:
         if status.get("stage") == "fusion" and status.get("fusion_type"):
             runs.add(FusionRunFiles(path.parent, status["fusion_type"]))
     return sorted(runs, key=lambda r: (str(r.root), r.fusion_type))
+
+
+def _hidden(relative: Path) -> bool:
+    """Inside a dot-folder (.earlier_runs, .submitit, .hydra): not a run of the sweep."""
+    return any(part.startswith(".") for part in relative.parts[:-1])
 
 
 @dataclass(frozen=True)
@@ -168,18 +178,76 @@ def pretrained_expert_path(experts_dir: str | Path, filename: str, index: int) -
 # ---------------------------------------------------------------- writes
 
 
+TEMP_PATTERN = re.compile(r"^\..+\.tmp\d+$")  # `.NAME.tmpPID`, what atomic_write writes before the rename
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """`write(f)` into a temporary file beside `path`, then rename it into place. Only rank 0 of a
-    multi-process job writes."""
+    """`write(f)` into a temporary file beside `path`, then rename it into place: a kill, a full disk or
+    Ctrl-C leaves the previous file whole and no temporary file behind. Only rank 0 of a multi-process
+    job writes. A write that fails raises StorageError naming the path and the cause."""
     path = Path(path)
     if not distributed.is_main():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        cause = _write_failure(e, path.parent)  # before the partial file is removed: a full disk frees up then
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, Exception) or isinstance(e, MCNError):  # Ctrl-C, exit, or already explained
+            raise
+        raise StorageError(
+            f"cannot write {path}: {cause}; free space or fix the folder's permissions "
+            f"(or point paths.output_root / hydra.run.dir elsewhere), then run the same command again"
+        ) from None
     return path
+
+
+def _write_failure(error: BaseException, folder: Path) -> str:
+    """In words. torch.save reports a full disk as an internal RuntimeError, so the free space is asked."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[0].lower() + error.strerror[1:]
+    try:
+        if shutil.disk_usage(folder).free < 2**20:
+            return "no space left on device"
+    except OSError:
+        pass
+    return f"{type(error).__name__}: {error}"
+
+
+EARLIER_RUNS = ".earlier_runs"  # where starting over (trainer.resume=never) moves a folder's earlier run
+# what stays when a run starts over in a folder: Hydra's and submitit's own files, the job's open log
+_NOT_A_RUN_FILE = {".hydra", ".submitit", EARLIER_RUNS}
+
+
+def move_earlier_run(root: Path) -> Path | None:
+    """Start over in `root`: every file an earlier run left there moves to `root/.earlier_runs/<time>/`, so
+    none of it mixes with the new run's. Returns that folder, or None when there was nothing to move."""
+    root = Path(root)
+    leftovers = (
+        [p for p in sorted(root.iterdir()) if p.name not in _NOT_A_RUN_FILE and p.suffix != ".log"]
+        if root.is_dir()
+        else []
+    )
+    if not leftovers or not distributed.is_main():
+        return None
+    target = root / EARLIER_RUNS / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in leftovers:
+        os.replace(path, target / path.name)
+    return target
+
+
+def remove_stale_temp_files(root: Path) -> list[Path]:
+    """Temporary files that writes cut short (a kill) left in a run folder; a starting run removes them."""
+    stale = [p for p in Path(root).rglob(".*.tmp*") if TEMP_PATTERN.match(p.name) and p.is_file()]
+    if distributed.is_main():
+        for path in stale:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
@@ -187,7 +255,19 @@ def save_torch(obj: Any, path: str | Path) -> Path:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+    """JSON has no NaN or Infinity: a non-finite number is written as null (undefined)."""
+    text = json.dumps(_finite(data), indent=2, allow_nan=False)
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_text(path: str | Path, text: str) -> Path:

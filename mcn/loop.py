@@ -12,6 +12,7 @@ report, keep the best on validation, save, resume, stop early or on a signal.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from mcn import distributed
 from mcn.cli import log
 from mcn.config import resume_changes
-from mcn.errors import ConfigError
+from mcn.errors import ConfigError, RunInterrupted, StorageError, TrainingDiverged
 from mcn.files import clean_state_dict, load_train_state, restore_rng, rng_state, save_train_state
 from mcn.runtime import Runtime
 from mcn.status import RunStatus
@@ -79,6 +80,9 @@ class Objective:
     def has_ensemble(self) -> bool:
         """A global head plus at least two experts: the logit average and oracle are defined."""
         return len(self.head_names) > 2
+
+
+UNDEFINED = "undefined with one expert"  # how the logit average and oracle read when there is one expert
 
 
 class HeadMetrics:
@@ -184,6 +188,7 @@ class LoopRecipe(Protocol):
     generators: list[torch.Generator]  # random streams of the recipe's own, saved with the train state
     config: dict  # the resolved config, saved with the train state and compared on resume
     monitor: str  # the validation metric that decides "best"
+    lr_keys: dict[str, str]  # each parameter group's role -> the config key of its rate (for messages)
     grad_clip: float | None
     report: object  # mcn.reports.CsvReport
     tracker: object  # mcn.tracking.RunTracker
@@ -200,9 +205,13 @@ class EpochLoop:
     Resume: after every epoch the whole training state (model, optimiser, scheduler, epoch, best so
     far, every RNG stream) goes atomically to `state_path`; a job that finds that file continues after
     its epoch (`resume`: auto, force = even with a changed config, never).
-    SIGUSR2 (Slurm's pre-timeout signal) or SIGTERM stops the loop at the next step boundary; the
-    unfinished epoch is dropped (the state on disk is the last finished one), then USR2 goes on to
-    the handler that was there before (submitit's: requeue) and TERM ends the job.
+    SIGUSR2 (Slurm's pre-timeout signal), SIGTERM or SIGINT (Ctrl-C) stops the loop at the next step
+    boundary; the unfinished epoch is dropped (the state on disk is the last finished one), then USR2
+    goes on to the handler that was there before (submitit's: requeue), TERM ends the job and Ctrl-C
+    ends it with one line saying how to resume.
+
+    A loss that is not a finite number stops the run in the epoch where it appears (TrainingDiverged);
+    it is read with the epoch's metrics, so the steps never wait on the host for it.
     """
 
     def __init__(
@@ -288,9 +297,10 @@ class EpochLoop:
         else:
             first, best, before = 1, {"epoch": 0, "val_accuracy": -1.0}, 0.0
         self.last_saved = first - 1
+        r.report.keep_until(self.last_saved)  # rows of epochs after the saved state belong to no run any more
         previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR2, signal.SIGTERM)}
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
         start, epoch = time.time() - before, first - 1
         try:
             for epoch in range(first, epochs + 1):
@@ -312,6 +322,7 @@ class EpochLoop:
                 elapsed = time.time() - start
                 for phase, metrics in (("train", train), ("val", val)):
                     r.report.add({"phase": phase, "epoch": epoch, **metrics, **lrs, "elapsed_s": round(elapsed, 2)})
+                self.check_finite(epoch, train, val, lrs)
                 r.tracker.log(
                     {**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()}, **lrs},
                     epoch,
@@ -341,6 +352,10 @@ class EpochLoop:
                 if stop:
                     log.info("early stopping: no better validation accuracy for %d epochs", self.patience)
                     break
+        except StorageError as e:
+            if self.last_saved:
+                raise StorageError(f"{e}; it resumes after epoch {self.last_saved} ({self.state_path})") from None
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -349,8 +364,25 @@ class EpochLoop:
             self.hand_over(previous.get(self.signal))
         return best, epoch, time.time() - start
 
+    def check_finite(self, epoch: int, train: dict, val: dict, lrs: dict[str, float]) -> None:
+        for phase, metrics in (("training", train), ("validation", val)):
+            if not math.isfinite(metrics["loss"]):
+                keys = self.recipe.lr_keys
+                rates = ", ".join(f"{keys.get(role, role)}={lr:.3g}" for role, lr in lrs.items())
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch}: the {phase} loss is {metrics['loss']} with {rates}; "
+                    f"lower the learning rates (or add warm-up epochs) and start over with trainer.resume=never"
+                )
+
     def hand_over(self, handler) -> None:
         """After a signal: let submitit requeue (its USR2 handler), else end the job; never finish the run."""
         if self.signal == signal.SIGUSR2 and callable(handler):
             handler(self.signal, None)  # submitit: checkpoint, `scontrol requeue`, exit
+        if self.signal == signal.SIGINT:
+            saved = (
+                f"epoch {self.last_saved} is saved in {self.state_path}: run the same command again to resume"
+                if self.last_saved
+                else "no epoch had finished, so nothing was saved"
+            )
+            raise RunInterrupted(f"interrupted (Ctrl-C) during epoch {self.last_saved + 1}; {saved}")
         raise SystemExit(128 + self.signal)

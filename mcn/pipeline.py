@@ -31,10 +31,9 @@ from mcn.reports import collect_runs, markdown_table, write_summary
 def expert_is_current(path: Path, index: int, cfg: DictConfig, data: PreparedData) -> bool:
     """Whether the fusion stage would accept this file (`check_pretrained_expert`), so it need not be retrained."""
     expert = create_expert(cfg.expert.preset, data.train.num_classes, data.train.in_channels)
+    architecture = {"preset": cfg.expert.preset, **expert.architecture}
     try:
-        check_pretrained_expert(
-            load_file(path), path, index, {"preset": cfg.expert.preset, **expert.architecture}, data.split
-        )
+        check_pretrained_expert(load_file(path), path, index, architecture, cfg.data.name, data.split)
     except MCNError:
         return False
     return True

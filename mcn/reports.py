@@ -22,6 +22,13 @@ class CsvReport:
         self.path, self.columns = Path(path), columns
         self.rows: list[dict] = read_csv(self.path) if self.path.exists() else []
 
+    def keep_until(self, epoch: int) -> None:
+        """A run continuing after `epoch` (0: starting afresh) keeps only the rows of the epochs it has behind it."""
+        kept = [r for r in self.rows if r["phase"] != "test" and int(r["epoch"]) <= epoch]
+        if kept != self.rows and distributed.is_main():
+            self.rows = kept
+            write_csv(self.path, self.columns, self.rows)
+
     def add(self, row: dict) -> None:
         if not distributed.is_main():
             return

@@ -9,11 +9,13 @@ Only rank 0 writes; every write is atomic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
 
+from mcn.errors import MCNError
 from mcn.files import write_json
 
 
@@ -30,9 +32,11 @@ class RunStatus:
         self.path = Path(path)
 
     def _update(self, **fields) -> None:
+        """Best effort: a status that cannot be written (full disk) must not hide the error that matters."""
         status = read_status(self.path) or {}
         status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json(self.path, status)
+        with contextlib.suppress(MCNError):
+            write_json(self.path, status)
 
     def started(self, **identity) -> None:
         """A job starts in this folder; `identity`: what the run is (stage, fusion type or expert index)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mcn import distributed
+from mcn.cli import log
 from mcn.config import resolved
 from mcn.files import write_text
 
@@ -34,7 +35,13 @@ class RunTracker:
             resume="allow",
             config=resolved(cfg),
             tags=list(cfg.logger.tags),
+            settings=wandb.Settings(silent=True),  # its files are kept; its ~28 lines of chatter per run are not
         )
+        if cfg.logger.mode == "offline":
+            sync_dir = (output_dir / self.run.settings.sync_dir).resolve()
+            log.info("wandb: offline run in %s; to upload it later: wandb sync %s", sync_dir, sync_dir)
+        else:
+            log.info("wandb: logging to %s", self.run.url)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

@@ -60,7 +60,15 @@ def save_pretrained(directory, preset, k, **fields):
     for i in range(k):
         expert = create_expert(preset, 10, 1)
         save_torch(
-            make_checkpoint("expert", expert, {"preset": preset, **expert.architecture}, 5, index=i, **fields),
+            make_checkpoint(
+                "expert",
+                expert,
+                {"preset": preset, **expert.architecture},
+                5,
+                index=i,
+                config={"data": {"name": "digits"}},
+                **fields,
+            ),
             directory / f"best_wrn_expert_{i}.pth",
         )
 

@@ -9,6 +9,7 @@ from mcn.config import config_changes, resume_changes
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files import FusionRunFiles, save_torch
 from mcn.loop import EpochLoop, Objective
+from mcn.reports import CsvReport
 from mcn.runtime import Runtime
 from mcn.tracking import RunTracker
 
@@ -17,6 +18,7 @@ class ScriptedRecipe:
     """A recipe whose validation accuracy per epoch is given; records what the loop asks it to save."""
 
     monitor = "accuracy"
+    lr_keys = {"lr": "optim.lr"}
     grad_clip = None
 
     def __init__(self, val_accuracy: list[float], root):
@@ -39,7 +41,7 @@ class ScriptedRecipe:
         self.val_batches = []
         self.generators = []
         self.config = {"trainer": {"alpha": 1.0}}
-        self.report = type("Report", (), {"add": lambda self, row: None})()
+        self.report = CsvReport(root / "report.csv", ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
         self.tracker = RunTracker(OmegaConf.create({"logger": {"name": "none", "mode": "disabled"}}), None, "", None)
         self.best, self.saved = [], []
 

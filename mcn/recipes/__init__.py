@@ -7,13 +7,21 @@
 from __future__ import annotations
 
 from mcn import distributed
-from mcn.errors import MCNError
+from mcn.cli import log
+from mcn.errors import MCNError, RunInterrupted
+from mcn.files import move_earlier_run, remove_stale_temp_files
 from mcn.status import RunStatus
 
 
 def run_recipe(recipe) -> dict:
     """setup -> train -> cleanup, with the run's state kept in its folder (`mcn.status`); the tracker is
     closed (as failed) even when training raises."""
+    root = recipe.files.root
+    if recipe.cfg.trainer.resume == "never":
+        moved = move_earlier_run(root)
+        if moved:
+            log.info("trainer.resume=never: the earlier run in %s was moved to %s", root, moved)
+    remove_stale_temp_files(root)
     status = RunStatus(recipe.files.status)
     status.started(**recipe.identity)
     failed = True
@@ -23,7 +31,10 @@ def run_recipe(recipe) -> dict:
         failed = False
         status.done()
         return results
-    except SystemExit:  # a signal ended the loop, which has recorded it
+    except (SystemExit, RunInterrupted):  # a signal ended the loop, which has recorded it
+        raise
+    except KeyboardInterrupt:
+        status.interrupted("Ctrl-C outside the epoch loop")
         raise
     except Exception as e:
         status.failed(str(e) if isinstance(e, MCNError) else f"{type(e).__name__}: {e}")

@@ -38,12 +38,32 @@ from mcn.runtime import Runtime, seed_everything
 from mcn.tracking import RunTracker
 
 
-def check_pretrained_expert(obj: Any, path: Path, index: int, architecture: dict, split: Split) -> dict:
-    """Whether an mcn expert file may start fusion training on `split`: it must be an expert of
-    `architecture`, trained on this split, and never on an image of the fusion holdout.
-    Returns the checkpoint; raises CheckpointError saying why not."""
+def check_pretrained_expert(obj: Any, path: Path, index: int, architecture: dict, data_name: str, split: Split) -> dict:
+    """Whether an mcn expert file may start fusion training on `split` of `data_name`: it must be a
+    pretrained expert (not one saved by a fusion run) of `architecture`, trained on this data set and
+    split, and never on an image of the fusion holdout. Returns the checkpoint; raises CheckpointError
+    with the first reason it may not."""
     ckpt = check_checkpoint(obj, path, component="expert")
-    if ckpt["architecture"] != architecture:
+    name = f"expert {index} ({path})"
+    if "fusion_type" in ckpt:
+        raise CheckpointError(
+            f"{name} was saved by a {ckpt['fusion_type']} fusion run (epoch {ckpt.get('epoch')}): it has trained on "
+            f"the fusion holdout; start from pretrained experts (python -m mcn.experts -m pretrain.index=...)"
+        )
+    trained_on = ckpt.get("config", {}).get("data", {}).get("name")
+    if trained_on is not None and trained_on != data_name:
+        raise CheckpointError(
+            f"{name} was trained on {trained_on}, but this run uses {data_name}; "
+            f"pretrain experts on {data_name} or set data={trained_on}"
+        )
+    theirs = ckpt["architecture"]
+    for key, what in (("num_classes", "classes"), ("in_channels", "input channels")):
+        if theirs.get(key) != architecture.get(key):
+            raise CheckpointError(
+                f"{name} has {theirs.get(key)} {what}, but {data_name} has {architecture.get(key)}; "
+                f"point experts.dir at experts of this data set"
+            )
+    if theirs != architecture:
         raise CheckpointError(
             f"{path} is a {ckpt['architecture']} expert, but the config asks for {architecture}; "
             f"set expert={ckpt['architecture'].get('preset')} or point experts.dir elsewhere"
@@ -74,6 +94,7 @@ def randaugment(spec) -> object | None:
 
 class ExpertRecipe:
     monitor = "accuracy"
+    lr_keys = {"lr": "pretrain.optim.lr"}
 
     def __init__(self, cfg: DictConfig, output_dir: str | Path):
         self.cfg = absolute_paths(cfg)

@@ -38,7 +38,7 @@ from mcn.files import (
     save_torch,
     write_json,
 )
-from mcn.loop import EpochLoop, Objective, evaluate
+from mcn.loop import UNDEFINED, EpochLoop, Objective, evaluate
 from mcn.models import MCN, create_expert, create_fusion, list_fusions
 from mcn.optim import input_width_lrs, schedule_from_config
 from mcn.recipes.expert import check_pretrained_expert
@@ -54,6 +54,7 @@ def fusion_arguments(fusion_cfg: DictConfig) -> dict:
 
 class FusionRecipe:
     monitor = "global_accuracy"
+    lr_keys = {"base_lr": "optim.base_lr", "head_lr": "optim.head_lr"}
 
     def __init__(self, cfg: DictConfig, output_dir: str | Path):
         self.cfg = absolute_paths(cfg)
@@ -118,6 +119,14 @@ class FusionRecipe:
         cfg, classes, channels = self.cfg, self.data.train.num_classes, self.data.train.in_channels
         experts = [create_expert(cfg.expert.preset, classes, channels) for _ in range(cfg.experts.num)]
         self.expert_sources = [self._load_pretrained(e, i) for i, e in enumerate(experts)]
+        unverified = [s["path"] for s in self.expert_sources if s["path"] and "split_hash" not in s]
+        if unverified:
+            log.warning(
+                "%d expert file(s) without mcn's metadata (%s): their shapes fit, but the data set, split and "
+                "holdout they were trained on could not be verified",
+                len(unverified),
+                ", ".join(unverified),
+            )
         fusion = create_fusion(
             self.fusion_type,
             num_experts=len(experts),
@@ -137,7 +146,7 @@ class FusionRecipe:
         info = {"path": str(path)}
         if isinstance(obj, dict) and "format" in obj:  # one of ours: check what it claims
             architecture = {"preset": cfg.expert.preset, **expert.architecture}
-            ckpt = check_pretrained_expert(obj, path, index, architecture, self.data.split)
+            ckpt = check_pretrained_expert(obj, path, index, architecture, cfg.data.name, self.data.split)
             info.update(epoch=ckpt["epoch"], metrics=ckpt.get("metrics", {}), split_hash=ckpt.get("split_hash"))
         load_weights(expert, extract_state_dict(obj, path), path, f"expert {index} ({cfg.expert.preset})")
         return info
@@ -260,10 +269,11 @@ class FusionRecipe:
             "test_accuracy": test["global_accuracy"],
             "test_loss": test["loss"],
             "expert_test_accuracy": [test[f"expert_{i}_accuracy"] for i in range(k)],
-            "ensemble_test_accuracy": test["ensemble_accuracy"],
-            "oracle_test_accuracy": test["oracle_accuracy"],
+            # undefined (null) with one expert
+            "ensemble_test_accuracy": test.get("ensemble_accuracy"),
+            "oracle_test_accuracy": test.get("oracle_accuracy"),
             "initial_expert_test_accuracy": [self.initial_test[f"expert_{i}_accuracy"] for i in range(k)],
-            "initial_ensemble_test_accuracy": self.initial_test["ensemble_accuracy"],
+            "initial_ensemble_test_accuracy": self.initial_test.get("ensemble_accuracy"),
             "experts_from": [s["path"] for s in self.expert_sources],
             "parameters": self.model.parameter_counts(),
             "learning_rates": self.lrs,
@@ -276,13 +286,13 @@ class FusionRecipe:
         write_json(self.files.results, results)
         self.tracker.summary({f"test/{k}": v for k, v in test.items()} | {"best_epoch": best["epoch"]})
         log.info(
-            "%s: best epoch %d, val %.4f, test %.4f (experts %s, logit average %.4f; before fusion: %s)",
+            "%s: best epoch %d, val %.4f, test %.4f (experts %s, logit average %s; before fusion: %s)",
             self.fusion_type,
             best["epoch"],
             best["val_accuracy"],
             test["global_accuracy"],
             ", ".join(f"{a:.4f}" for a in results["expert_test_accuracy"]),
-            test["ensemble_accuracy"],
+            UNDEFINED if k == 1 else f"{test['ensemble_accuracy']:.4f}",
             ", ".join(f"{a:.4f}" for a in results["initial_expert_test_accuracy"]),
         )
         return results
