@@ -162,6 +162,25 @@ def evaluate(model: torch.nn.Module, batches: Iterable, objective: Objective, ru
     return metrics.compute()
 
 
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: Iterable, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head's logits over `batches`, in order: ([H, N, C] float32 on the CPU, labels [N])."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in batches:
+        with runtime.autocast():
+            logits.append(stacked_logits(model(x)).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(logits, dim=1), torch.cat(labels)
+
+
+def head_metrics(logits: torch.Tensor, labels: torch.Tensor, objective: Objective) -> dict[str, float]:
+    """What `evaluate` reports, from logits already computed (`predict`)."""
+    metrics = HeadMetrics(objective.head_names, logits.device, ensemble=objective.has_ensemble)
+    metrics.update(logits, labels, weighted_cross_entropy(logits, labels, objective.weights.to(logits.device)))
+    return metrics.compute()
+
+
 def progress(iterable, total: int, desc: str, enabled):
     """A tqdm bar when interactive (or when forced), else the iterable itself."""
     if enabled == "auto":

@@ -1,7 +1,8 @@
-"""The whole study in one command, locally and in order:
-split -> K experts -> the fusion sweep (`pipeline.fusions`) -> a summary table.
+"""The whole study in one command, locally and in order, for every seed of `pipeline.seeds`:
+split -> K experts -> the fusion sweep (`pipeline.fusions`); then one summary over all seeds.
 
     python -m mcn.pipeline experiment=quickstart
+    python -m mcn.pipeline experiment=quickstart pipeline.seeds=[0,1,2]
 
 Experts already in `paths.experts_dir` for this split and architecture are reused unless
 `pipeline.retrain_experts=true`. Every stage composes the same config tree with the command
@@ -40,21 +41,14 @@ def expert_is_current(path: Path, index: int, cfg: DictConfig, data: PreparedDat
 
 
 def run_pipeline(cfg: DictConfig, overrides: list[str], output_dir: str | Path) -> list[dict]:
+    """The study once per seed of `pipeline.seeds` (each seed: its own experts, its own fusion runs), then
+    the summary over all of them."""
     out = Path(output_dir)
-    data = prepare_data(cfg)
-    log.info("split %s in %s", data.split.hash, data.split.directory)
-    experts_dir = Path(cfg.paths.experts_dir).resolve()
-    for i in range(cfg.experts.num):
-        path = pretrained_expert_path(experts_dir, cfg.experts.filename, i)
-        if not cfg.pipeline.retrain_experts and expert_is_current(path, i, cfg, data):
-            log.info("expert %d: reusing %s", i, path)
-            continue
-        stage = compose("train", overrides=[*overrides, f"pretrain.index={i}"])
-        run_recipe(ExpertRecipe(stage, out / "experts" / f"expert_{i}"))
-    for j, fusion in enumerate(cfg.pipeline.fusions):
-        stage = compose("train", overrides=[*overrides, f"fusion={fusion}", f"experts.dir={experts_dir}"])
-        run_recipe(FusionRecipe(stage, out / "fusion" / f"{j}_fusion={fusion}"))
-    rows = collect_runs(out / "fusion")
+    overrides = [o for o in overrides if not o.startswith("seed=")]  # each pass below sets its own
+    for seed in cfg.pipeline.seeds:
+        seeded = [*overrides, f"seed={seed}"]
+        run_seed(compose("train", overrides=seeded), seeded, out / f"seed_{seed}")
+    rows = collect_runs(out)
     csv_path, md_path = write_summary(rows, out / "summary.csv")
     log.info(
         "summary (%s, %s):\n%s",
@@ -74,6 +68,23 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], output_dir: str | Path) 
         ),
     )
     return rows
+
+
+def run_seed(cfg: DictConfig, overrides: list[str], out: Path) -> None:
+    """split -> experts (reused when the fusion stage would accept them) -> the fusion sweep, for one seed."""
+    data = prepare_data(cfg)
+    log.info("seed %s: split %s in %s", cfg.seed, data.split.hash, data.split.directory)
+    experts_dir = Path(cfg.paths.experts_dir).resolve()
+    for i in range(cfg.experts.num):
+        path = pretrained_expert_path(experts_dir, cfg.experts.filename, i)
+        if not cfg.pipeline.retrain_experts and expert_is_current(path, i, cfg, data):
+            log.info("expert %d: reusing %s", i, path)
+            continue
+        stage = compose("train", overrides=[*overrides, f"pretrain.index={i}"])
+        run_recipe(ExpertRecipe(stage, out / "experts" / f"expert_{i}"))
+    for j, fusion in enumerate(cfg.pipeline.fusions):
+        stage = compose("train", overrides=[*overrides, f"fusion={fusion}", f"experts.dir={experts_dir}"])
+        run_recipe(FusionRecipe(stage, out / "fusion" / f"{j}_fusion={fusion}"))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

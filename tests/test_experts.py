@@ -1,6 +1,7 @@
 """Expert pretraining, the fusion stage's checks on what it loads, and the one-command pipeline."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,9 +35,9 @@ def pretrained(tmp_path_factory):
 
 def test_expert_files_are_self_describing(pretrained):
     tmp, cfg, results = pretrained
-    experts_dir = tmp / "outputs" / "experts" / "digits_iid_k4_wrn10_1"
+    experts_dir = tmp / "outputs" / "experts" / "digits_iid_k4_split42_wrn10_1_seed42"
     assert cfg.paths.experts_dir == str(experts_dir)
-    split = json.loads((tmp / "outputs" / "splits" / "digits_iid_k4" / "split_meta.json").read_text())
+    split = json.loads((tmp / "outputs" / "splits" / "digits_iid_k4_split42" / "split_meta.json").read_text())
     for i, result in enumerate(results):
         ckpt = load_checkpoint(experts_dir / f"best_wrn_expert_{i}.pth", component="expert")
         assert ckpt["index"] == i and ckpt["split_hash"] == split["hash"] == result["split_hash"]
@@ -50,7 +51,7 @@ def test_expert_files_are_self_describing(pretrained):
         }
         assert ckpt["num_features"] == 64 and ckpt["epoch"] == result["best_epoch"]
         assert ckpt["metrics"]["test_accuracy"] == result["test_accuracy"]
-        trained_on = np.load(tmp / "outputs" / "splits" / "digits_iid_k4" / f"expert_{i}_train_indices.npy")
+        trained_on = np.load(tmp / "outputs" / "splits" / "digits_iid_k4_split42" / f"expert_{i}_train_indices.npy")
         assert np.array_equal(ckpt["train_indices"].numpy(), trained_on)
         saved = json.loads((experts_dir / f"expert_{i}_results.json").read_text())
         assert saved["test_accuracy"] == result["test_accuracy"] and saved["train_images"] == len(trained_on)
@@ -78,7 +79,7 @@ def test_expert_from_another_split_is_refused(pretrained, tmp_path):
 
 def test_expert_that_saw_holdout_images_says_so(pretrained, tmp_path):
     tmp, cfg, _ = pretrained
-    holdout = np.load(tmp / "outputs" / "splits" / "digits_iid_k4" / "fusion_holdout_indices.npy")
+    holdout = np.load(tmp / "outputs" / "splits" / "digits_iid_k4_split42" / "fusion_holdout_indices.npy")
     tampered = tmp_path / "experts"
     tampered.mkdir()
     for i in range(4):
@@ -122,7 +123,7 @@ def test_experts_sweep_through_the_local_launcher(tmp_path):
         module="mcn.experts",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    experts = tmp_path / "outputs" / "experts" / "digits_iid_k4_wrn10_1"
+    experts = tmp_path / "outputs" / "experts" / "digits_iid_k4_split42_wrn10_1_seed42"
     assert sorted(p.name for p in experts.glob("*.pth")) == ["best_wrn_expert_0.pth", "best_wrn_expert_1.pth"]
 
 
@@ -144,3 +145,22 @@ def test_pipeline_end_to_end(tmp_path):
     assert (tmp_path / "pipe" / "summary.csv").read_text().count("\n") == 3
     assert "| TransformerBase |" in (tmp_path / "pipe" / "summary.md").read_text()
     assert len(list((tmp_path / "outputs" / "experts").rglob("best_wrn_expert_*.pth"))) == 4
+
+
+@pytest.mark.slow
+def test_pipeline_over_seeds_gives_each_seed_its_own_experts_and_runs(tmp_path):
+    overrides = ["experiment=quickstart", "logger=none", "pretrain.epochs=1", "trainer.epochs=1",
+                 "pipeline.fusions=[multiplicative]", "pipeline.seeds=[1,2]", "trainer.progress_bar=false",
+                 f"paths.output_root={tmp_path / 'outputs'}"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        rows = run_pipeline(compose("train", overrides=overrides), overrides, tmp_path / "pipe")
+    results = {r["folder"]: json.loads(Path(r["folder"], "fusion_training_results_multiplicative.json").read_text())
+               for r in rows}  # fmt: skip
+    assert sorted(r["seed"] for r in results.values()) == [1, 2]
+    folders = sorted((tmp_path / "outputs" / "experts").iterdir())
+    assert [f.name for f in folders] == ["digits_iid_k4_split42_wrn10_1_seed1", "digits_iid_k4_split42_wrn10_1_seed2"]
+    one, two = (load_checkpoint(f / "best_wrn_expert_0.pth") for f in folders)
+    assert (one["config"]["seed"], two["config"]["seed"]) == (1, 2)
+    assert not all(torch.equal(one["state_dict"][k], two["state_dict"][k]) for k in one["state_dict"])
+    for run_folder, folder in zip(sorted(results), folders):  # each run started from its own seed's experts
+        assert all(path.startswith(str(folder)) for path in results[run_folder]["experts_from"])

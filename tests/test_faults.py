@@ -124,7 +124,7 @@ def digits_experts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("experts")
     for i in range(4):
         run_recipe(ExpertRecipe(compose_cfg(tmp, ["pretrain.epochs=1", f"pretrain.index={i}"]), tmp / f"job{i}"))
-    return tmp / "outputs" / "experts" / "digits_iid_k4_wrn10_1"
+    return tmp / "outputs" / "experts" / "digits_iid_k4_split42_wrn10_1_seed42"
 
 
 def test_experts_of_another_data_set_are_refused_for_the_real_reason(tmp_path, digits_experts):
@@ -217,7 +217,7 @@ def test_read_only_folder_is_named_with_its_cause(tmp_path):
         subprocess.run(["umount", "-l", str(read_only)], check=False)
     assert proc.returncode == 1
     line = error_line(proc)
-    assert f"cannot write {read_only}/splits/digits_iid_k4/" in line and "read-only file system" in line
+    assert f"cannot write {read_only}/splits/digits_iid_k4_split42/" in line and "read-only file system" in line
 
 
 def test_ctrl_c_says_where_the_last_good_state_is_and_resume_finishes(tmp_path):

@@ -281,7 +281,10 @@ class FusionRecipe:
             "epochs_run": epochs_run,
             "wall_time_s": round(train_time, 2),
             "split_hash": self.data.split.hash,
+            "seed": int(self.cfg.seed),
+            "split_seed": int(self.cfg.split.seed),
             "runtime": self.runtime.describe(),
+            "config": self.config,
         }
         write_json(self.files.results, results)
         self.tracker.summary({f"test/{k}": v for k, v in test.items()} | {"best_epoch": best["epoch"]})
