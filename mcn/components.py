@@ -21,7 +21,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -30,7 +29,7 @@ from mcn.data.prepare import make_batches, prepare_data
 from mcn.errors import CheckpointError, MCNError
 from mcn.files import COMPONENT_PATTERNS, FusionRunFiles, load_checkpoint, load_weights
 from mcn.loop import UNDEFINED, Objective, evaluate
-from mcn.models import MCN, build_expert, build_fusion, build_mcn
+from mcn.models import MCN, ExpertStack, build_expert, build_fusion, build_mcn
 from mcn.runtime import Runtime
 
 
@@ -126,15 +125,11 @@ def _file(checkpoint_dir: Path, path: Path, what: str, epoch: int | None) -> Pat
     return path
 
 
-class ExpertEnsemble(nn.Module):
+class ExpertEnsemble(ExpertStack):
     """Experts without fusion: the "global" output is their logit average (one expert: its own head)."""
 
-    def __init__(self, experts: list[nn.Module]):
-        super().__init__()
-        self.experts = nn.ModuleList(experts)
-
     def forward(self, x):
-        expert_logits = torch.stack([e(x) for e in self.experts])
+        expert_logits = super().forward(x)
         return expert_logits.float().mean(0), expert_logits
 
 
@@ -201,12 +196,13 @@ def reconstruct(
     )
     head_ckpt = load_component(head_path, "global_head", epoch=None if global_file else global_epoch)
     classes = experts[0].classifier.out_features
-    if head_ckpt["architecture"] != {"in_features": width, "num_classes": classes}:
+    head_arch = head_ckpt["architecture"]
+    if (head_arch["in_features"], head_arch["num_classes"]) != (width, classes):
         raise CheckpointError(
-            f"global head {head_path} is {head_ckpt['architecture']}; these experts need "
+            f"global head {head_path} is {head_arch}; these experts need "
             f"{{'in_features': {width}, 'num_classes': {classes}}}"
         )
-    model = MCN(experts, fusion, classes)
+    model = MCN(experts, fusion, classes, ensemble_start=head_arch.get("ensemble_start", False))
     load_weights(model.global_head, head_ckpt["state_dict"], head_path, "global head")
     sources = {"experts": expert_epochs, "fusion": fusion_ckpt["epoch"], "global head": head_ckpt["epoch"]}
     mixed = len(set(expert_epochs) | {fusion_ckpt["epoch"], head_ckpt["epoch"]}) > 1 or fusion_file or global_file

@@ -50,17 +50,38 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights:
 
 
 @dataclass
+class Distillation:
+    """Ensemble distillation: `weight * T^2 * KL(teacher || global head)` at temperature T, the teacher's
+    distribution being the mean of its experts' softened distributions. `teacher(x)` gives their logits
+    [K, B, C] (the pretrained experts, frozen)."""
+
+    teacher: torch.nn.Module
+    weight: float
+    temperature: float
+    runtime: Runtime
+
+    def loss(self, global_logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        with torch.no_grad(), self.runtime.autocast():
+            target = (self.teacher(inputs).float() / t).softmax(-1).mean(0)
+        student = (global_logits.float() / t).log_softmax(-1)
+        return self.weight * t * t * F.kl_div(student, target, reduction="batchmean")
+
+
+@dataclass
 class Objective:
     """What a training step minimises, and how the heads are named in the reports.
 
     `weights[h]` weighs head h's cross-entropy (the global head 1, each expert alpha);
-    `make_targets(x, y) -> (x, targets)` may mix inputs (CutMix) or soften labels.
+    `make_targets(x, y) -> (x, targets)` may mix inputs (CutMix) or soften labels;
+    `distillation` adds a term pulling the global head towards the pretrained experts' ensemble.
     Head "x" reports `x_accuracy`; a lone unnamed head ("") reports `accuracy`.
     """
 
     head_names: list[str]
     weights: torch.Tensor
     make_targets: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    distillation: Distillation | None = None
 
     @classmethod
     def dual_path(cls, num_experts: int, alpha: float, device: torch.device, **kwargs) -> Objective:
@@ -73,8 +94,11 @@ class Objective:
         """One classifier, one cross-entropy."""
         return cls([""], torch.ones(1, device=device), **kwargs)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return weighted_cross_entropy(logits, targets, self.weights)
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        loss = weighted_cross_entropy(logits, targets, self.weights)
+        if self.distillation is not None:
+            loss = loss + self.distillation.loss(logits[0], inputs)
+        return loss
 
     @property
     def has_ensemble(self) -> bool:
@@ -137,7 +161,7 @@ def train_epoch(
             x, targets = objective.make_targets(x, y)
         with runtime.autocast():
             logits = stacked_logits(model(x))
-        loss = objective.loss(logits, targets)
+        loss = objective.loss(logits, targets, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -211,6 +235,8 @@ class LoopRecipe(Protocol):
     grad_clip: float | None
     report: object  # mcn.reports.CsvReport
     tracker: object  # mcn.tracking.RunTracker
+
+    def start_epoch(self, epoch: int) -> None: ...  # e.g. freeze or unfreeze parts of the model
 
     def save_best(self, epoch: int, val: dict) -> None: ...
 
@@ -323,6 +349,7 @@ class EpochLoop:
         start, epoch = time.time() - before, first - 1
         try:
             for epoch in range(first, epochs + 1):
+                r.start_epoch(epoch)
                 lrs = self.learning_rates()
                 batches = progress(r.train_batches, len(r.train_batches), f"epoch {epoch}/{epochs}", self.progress_bar)
                 train = train_epoch(

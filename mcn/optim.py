@@ -41,17 +41,32 @@ def build_optimizer(
 
 
 def cosine_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int, min_lr_ratio: float, warmup_steps: int = 0
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    min_lr_ratio: float,
+    warmup_steps: int = 0,
+    start_steps: dict[str, int] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay from each group's lr to `min_lr_ratio` times it."""
+    """Linear warm-up, then cosine decay from each group's lr to `min_lr_ratio` times it. A group whose
+    role is in `start_steps` stays at 0 until that step, then runs its own warm-up and cosine over the
+    steps that remain (frozen experts joining the training)."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def factor_from(start: int):
+        def factor(step: int) -> float:
+            step -= start
+            if step < 0:
+                return 0.0
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - start - warmup_steps))
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return factor
+
+    starts = start_steps or {}
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [factor_from(starts.get(g.get("role"), 0)) for g in optimizer.param_groups]
+    )
 
 
 def input_width_lrs(fusion_type: str, input_dim: int, base_lr: float, head_lr: float) -> tuple[float, float, str]:
@@ -85,8 +100,15 @@ def optimizer_from_config(
     )
 
 
-def schedule_from_config(optimizer, optim, epochs: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """`cosine_schedule` over `epochs`, with the warm-up and end ratio of an `optim` config block."""
+def schedule_from_config(
+    optimizer, optim, epochs: int, steps_per_epoch: int, start_epochs: dict[str, int] | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`cosine_schedule` over `epochs`, with the warm-up and end ratio of an `optim` config block;
+    `start_epochs`: roles that join later (e.g. {"base_lr": 5} for experts frozen for 5 epochs)."""
     return cosine_schedule(
-        optimizer, epochs * steps_per_epoch, optim["min_lr_ratio"], optim["warmup_epochs"] * steps_per_epoch
+        optimizer,
+        epochs * steps_per_epoch,
+        optim["min_lr_ratio"],
+        optim["warmup_epochs"] * steps_per_epoch,
+        {role: n * steps_per_epoch for role, n in (start_epochs or {}).items()},
     )

@@ -40,10 +40,13 @@ class ScriptedRecipe:
         self.train_batches = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]
         self.val_batches = []
         self.generators = []
-        self.config = {"trainer": {"alpha": 1.0}}
+        self.config = {"loss": {"alpha": 1.0}}
         self.report = CsvReport(root / "report.csv", ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
         self.tracker = RunTracker(OmegaConf.create({"logger": {"name": "none", "mode": "disabled"}}), None, "", None)
         self.best, self.saved = [], []
+
+    def start_epoch(self, epoch):
+        pass
 
     def save_best(self, epoch, val):
         self.best.append(epoch)
@@ -98,8 +101,8 @@ def test_resume_continues_after_the_saved_epoch_with_the_best_so_far(scripted, t
 def test_resume_refuses_a_changed_config_and_a_foreign_state_file(scripted, tmp_path):
     EpochLoop(scripted([0.3, 0.7]), epochs=2, save_every=10).run()
     recipe = scripted([0.3, 0.7, 0.5])
-    recipe.config = {"trainer": {"alpha": 2.0}}
-    with pytest.raises(ConfigError, match=r"trainer.alpha: 1.0 -> 2.0.*trainer.resume=force"):
+    recipe.config = {"loss": {"alpha": 2.0}}
+    with pytest.raises(ConfigError, match=r"loss.alpha: 1.0 -> 2.0.*trainer.resume=force"):
         EpochLoop(recipe, epochs=3, save_every=10).run()
     save_torch({"format": "something-else"}, tmp_path / "train_state.pth")
     with pytest.raises(CheckpointError, match=r"not an mcn train state \(format 'something-else'"):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from omegaconf import DictConfig
 
 from mcn import distributed
 from mcn.data.datasets import ImageSet, load_dataset
-from mcn.data.loader import TensorBatches
+from mcn.data.loader import TensorBatches, soft_targets
 from mcn.data.splits import Split, SplitSpec, prepare_split
 from mcn.runtime import Runtime
 
@@ -71,3 +73,36 @@ def make_batches(
         shard=(runtime.dist.rank, runtime.dist.world_size) if train else (0, 1),
         **augment,
     )
+
+
+@dataclass
+class Augmentation:
+    """A stage's training augmentation (`augment` for fusion, `pretrain.augment` for experts): what the
+    batches do per image (`batch_extras` for make_batches: random erasing, RandAugment) and what a step
+    does to a batch (`make_targets`: label smoothing, CutMix; None when both are off), drawing from its
+    own random stream (`generator`, saved with the train state)."""
+
+    batch_extras: dict
+    make_targets: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+    generator: torch.Generator
+
+
+def training_augmentation(augment, num_classes: int, seed: int) -> Augmentation:
+    generator = torch.Generator().manual_seed(seed)
+    smoothing, cutmix = float(augment.label_smoothing), float(augment.cutmix)
+
+    def make_targets(x, y):
+        return soft_targets(x, y, num_classes, smoothing, cutmix, generator)
+
+    extras = {"erasing": float(augment.random_erasing), "uint8_transform": randaugment(augment.randaugment)}
+    return Augmentation(extras, make_targets if smoothing or cutmix else None, generator)
+
+
+def randaugment(spec) -> Callable | None:
+    """torchvision's RandAugment from `[num_ops, magnitude]`; None: off."""
+    if spec is None:
+        return None
+    from torchvision.transforms import v2
+
+    num_ops, magnitude = spec
+    return v2.RandAugment(num_ops=int(num_ops), magnitude=int(magnitude))

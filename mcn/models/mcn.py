@@ -13,24 +13,79 @@ from mcn.models.wide_resnet import create_expert
 from mcn.optim import optimizer_from_config
 
 
+class ExpertStack(nn.Module):
+    """Experts side by side, without fusion: `forward(x)` gives their logits [K, B, C]."""
+
+    def __init__(self, experts: list[nn.Module]):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([expert(x) for expert in self.experts])
+
+
+class GlobalHead(nn.Linear):
+    """Linear(d, classes) over the fused feature. With `ensemble_start`, the MCN's global logits are the
+    experts' logit average plus `gate` times this head's output; the gate starts at 0, so training starts
+    from the logit average and the fusion only adds what it learns (the gate lives here, so the global
+    head's component file is complete)."""
+
+    def __init__(self, in_features: int, num_classes: int, ensemble_start: bool = False):
+        super().__init__(in_features, num_classes)
+        self.gate = nn.Parameter(torch.zeros(())) if ensemble_start else None
+
+    @property
+    def architecture(self) -> dict:
+        arch = {"in_features": self.in_features, "num_classes": self.out_features}
+        return arch | ({"ensemble_start": True} if self.gate is not None else {})
+
+
+def drop_experts(features: torch.Tensor, p: float) -> torch.Tensor:
+    """Expert dropout: each sample loses each expert's features with probability p (at least one expert stays).
+    A dropped expert's features are replaced by the mean of the kept ones: a neutral stand-in for every
+    fusion type (zeros would wipe out a product fusion)."""
+    b, k, _ = features.shape
+    keep = torch.rand(b, k, device=features.device) >= p
+    none_kept = ~keep.any(dim=1)
+    keep[none_kept, torch.randint(0, k, (int(none_kept.sum()),), device=features.device)] = True
+    weights = keep.unsqueeze(-1).to(features.dtype)
+    mean = (features * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
+    return torch.where(keep.unsqueeze(-1), features, mean)
+
+
 class MCN(nn.Module):
     """`forward(x)` returns `(global_logits [B, C], expert_logits [K, B, C])`.
 
     Each expert contributes its pooled features to the fusion and its own classifier's logits
     (the "individual head") to the dual-path loss. The feature width is read off the experts.
+    Training options: `ensemble_start` (see GlobalHead), `expert_dropout` (see drop_experts), and
+    `experts_frozen`, set per epoch by the recipe, which keeps the experts in eval mode (their learning
+    rate is 0 then: see mcn.optim.cosine_schedule).
     """
 
-    def __init__(self, experts: list[nn.Module], fusion: nn.Module, num_classes: int):
+    def __init__(
+        self,
+        experts: list[nn.Module],
+        fusion: nn.Module,
+        num_classes: int,
+        *,
+        ensemble_start: bool = False,
+        expert_dropout: float = 0.0,
+    ):
         super().__init__()
         widths = {e.num_features for e in experts}
         if len(widths) != 1:
             raise ConfigError(
                 f"experts disagree on their feature width ({sorted(widths)}); use one expert preset for all"
             )
+        if not 0 <= expert_dropout < 1:
+            raise ConfigError(f"model.expert_dropout={expert_dropout} must lie in [0, 1)")
         self.experts = nn.ModuleList(experts)
         self.fusion = fusion
         self.num_features = widths.pop()
-        self.global_head = nn.Linear(self.num_features, num_classes)
+        self.global_head = GlobalHead(self.num_features, num_classes, ensemble_start)
+        self.expert_dropout = expert_dropout
+        self.experts_frozen = False
 
     @property
     def num_experts(self) -> int:
@@ -39,8 +94,19 @@ class MCN(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = [expert.forward_features(x) for expert in self.experts]
         expert_logits = torch.stack([expert.forward_head(f) for expert, f in zip(self.experts, features)])
-        global_logits = self.global_head(self.fusion(torch.stack(features, dim=1)))
+        stacked = torch.stack(features, dim=1)
+        if self.training and self.expert_dropout > 0:
+            stacked = drop_experts(stacked, self.expert_dropout)
+        global_logits = self.global_head(self.fusion(stacked))
+        if self.global_head.gate is not None:
+            global_logits = expert_logits.mean(0) + self.global_head.gate * global_logits
         return global_logits, expert_logits
+
+    def train(self, mode: bool = True) -> MCN:
+        super().train(mode)
+        if mode and self.experts_frozen:  # frozen experts: fixed BatchNorm statistics, no dropout
+            self.experts.eval()
+        return self
 
     def parameter_counts(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -78,4 +144,10 @@ def build_fusion(architecture: dict) -> nn.Module:
 def build_mcn(architecture: dict) -> MCN:
     """The inverse of a complete checkpoint's `architecture`: {"experts": [...], "fusion": ..., "global_head": ...}."""
     experts = [build_expert(a) for a in architecture["experts"]]
-    return MCN(experts, build_fusion(architecture["fusion"]), architecture["global_head"]["num_classes"])
+    head = architecture["global_head"]
+    return MCN(
+        experts,
+        build_fusion(architecture["fusion"]),
+        head["num_classes"],
+        ensemble_start=head.get("ensemble_start", False),
+    )

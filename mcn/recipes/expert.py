@@ -2,7 +2,8 @@
 
 Feature flags (`pretrain.*`):
 - `pretrain.optim`: SGD + Nesterov or AdamW, cosine schedule with warm-up, gradient clipping;
-- `pretrain.augment`: label smoothing, RandAugment (per image, costs CPU time), random erasing, CutMix.
+- `pretrain.augment`: label smoothing, RandAugment (per image, costs CPU time), random erasing, CutMix
+  (`mcn.data.prepare.training_augmentation`, shared with the fusion stage's `augment`).
 The defaults are the recipe of docs/reference.md §2.
 
 Model selection uses the validation part carved from the expert's own share; the fusion holdout
@@ -25,8 +26,7 @@ from omegaconf import DictConfig
 from mcn import distributed
 from mcn.cli import log
 from mcn.config import absolute_paths, require_fraction, require_positive, resolved
-from mcn.data.loader import soft_targets
-from mcn.data.prepare import make_batches, prepare_data
+from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.data.splits import Split
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files import ExpertRunFiles, check_checkpoint, load_checkpoint, make_checkpoint, save_torch, write_json
@@ -83,15 +83,6 @@ def check_pretrained_expert(obj: Any, path: Path, index: int, architecture: dict
     return ckpt
 
 
-def randaugment(spec) -> object | None:
-    if spec is None:
-        return None
-    from torchvision.transforms import v2
-
-    num_ops, magnitude = spec
-    return v2.RandAugment(num_ops=int(num_ops), magnitude=int(magnitude))
-
-
 class ExpertRecipe:
     monitor = "accuracy"
     lr_keys = {"lr": "pretrain.optim.lr"}
@@ -112,9 +103,13 @@ class ExpertRecipe:
         self.data = prepare_data(cfg)
         self.model = create_expert(cfg.expert.preset, self.data.train.num_classes, self.data.train.in_channels)
         self.forward = self.runtime.prepare(self.model)
+        self.augmentation = training_augmentation(
+            cfg.pretrain.augment, self.data.train.num_classes, cfg.seed + self.index
+        )
         self._setup_batches()
         self._setup_optimizer()
-        self._setup_objective()
+        self.objective = Objective.single(self.runtime.device, make_targets=self.augmentation.make_targets)
+        self.generators = [self.train_batches.generator, self.augmentation.generator]
         self._setup_outputs()
         log.info(
             "expert %d/%d: %s, %d train / %d val images (split %s, %s); %s",
@@ -140,7 +135,7 @@ class ExpertRecipe:
             )
 
     def _setup_batches(self) -> None:
-        cfg, augment, data, i = self.cfg, self.cfg.pretrain.augment, self.data, self.index
+        cfg, data, i = self.cfg, self.data, self.index
         self.train_indices = data.split[f"expert_{i}_train_indices"]
         self.train_batches = make_batches(
             data.part(f"expert_{i}_train_indices"),
@@ -149,8 +144,7 @@ class ExpertRecipe:
             self.runtime,
             train=True,
             seed=cfg.seed + i,
-            erasing=float(augment.random_erasing),
-            uint8_transform=randaugment(augment.randaugment),
+            **self.augmentation.batch_extras,
         )
         self.val_batches = make_batches(data.part(f"expert_{i}_val_indices"), data, cfg, self.runtime, train=False)
         self.test_batches = make_batches(data.test, data, cfg, self.runtime, train=False)
@@ -165,16 +159,6 @@ class ExpertRecipe:
         )
         self.scheduler = schedule_from_config(self.optimizer, optim, self.cfg.pretrain.epochs, len(self.train_batches))
         self.grad_clip = optim.grad_clip
-
-    def _setup_objective(self) -> None:
-        augment, classes = self.cfg.pretrain.augment, self.data.train.num_classes
-        self.mix_rng = torch.Generator().manual_seed(self.cfg.seed + self.index)
-        self.generators = [self.train_batches.generator, self.mix_rng]
-
-        def make_targets(x, y):
-            return soft_targets(x, y, classes, float(augment.label_smoothing), float(augment.cutmix), self.mix_rng)
-
-        self.objective = Objective.single(self.runtime.device, make_targets=make_targets)
 
     def _setup_outputs(self) -> None:
         self.files.root.mkdir(parents=True, exist_ok=True)
@@ -210,6 +194,9 @@ class ExpertRecipe:
             metrics=metrics,
             config=self.config,
         )
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
 
     def save_best(self, epoch: int, val: dict) -> None:
         save_torch(self.checkpoint(epoch, val), self.files.best)

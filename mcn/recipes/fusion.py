@@ -4,9 +4,14 @@ Feature flags (all in the config):
 - `optim.base_lr` / `optim.head_lr`: experts learn slowly, fusion + global head fast (the AdamW
   defaults are the guide's per fusion type); `optim.input_width_rule=true` scales both by the feature
   width as the reference did (docs/reference.md §3; logged and saved);
-- `trainer.alpha`: weight of the experts' own losses in `CE(global) + alpha * sum_k CE(expert_k)`;
+- `loss.alpha`: weight of the experts' own losses in `CE(global) + alpha * sum_k CE(expert_k)`;
 - `experts.dir`: start from pretrained experts (checked by `check_pretrained_expert`), or `null` to
   start from scratch;
+- options that help the fusion beat its experts' free logit average (all off by default; what each
+  did is measured in docs/results.md): `trainer.freeze_experts_epochs` (fusion + head first learn
+  on frozen experts), `model.ensemble_start` (start from the logit average), `loss.distill_weight` /
+  `loss.distill_temperature` (distil the pretrained experts' ensemble), `model.expert_dropout`,
+  and `augment.*` (CutMix, label smoothing, random erasing, RandAugment);
 - `trainer.early_stopping_patience`: stop after that many epochs without a better validation
   accuracy (null: off);
 - `trainer.precision` / `channels_last` / `compile` / `data_on_device`: speed, `auto` = fast on GPU.
@@ -17,6 +22,7 @@ once, at the end, with the weights of the best epoch read back from `best_comple
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -25,7 +31,7 @@ from omegaconf import DictConfig
 from mcn import distributed
 from mcn.cli import log
 from mcn.config import absolute_paths, require_positive, resolved
-from mcn.data.prepare import make_batches, prepare_data
+from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files import (
     FusionRunFiles,
@@ -38,8 +44,8 @@ from mcn.files import (
     save_torch,
     write_json,
 )
-from mcn.loop import UNDEFINED, EpochLoop, Objective, evaluate
-from mcn.models import MCN, create_expert, create_fusion, list_fusions
+from mcn.loop import UNDEFINED, Distillation, EpochLoop, Objective, evaluate
+from mcn.models import MCN, ExpertStack, create_expert, create_fusion, list_fusions
 from mcn.optim import input_width_lrs, schedule_from_config
 from mcn.recipes.expert import check_pretrained_expert
 from mcn.reports import CsvReport
@@ -72,9 +78,10 @@ class FusionRecipe:
         self.data = prepare_data(cfg)
         self._setup_model()
         self._setup_learning_rates()
+        self.augmentation = training_augmentation(cfg.augment, self.data.train.num_classes, cfg.seed)
         self._setup_batches()
         self._setup_optimizer()
-        self.objective = Objective.dual_path(self.model.num_experts, cfg.trainer.alpha, self.runtime.device)
+        self._setup_objective()
         self._setup_outputs()
         log.info(
             "%s: %d experts (%s, %d features), %s; %d train / %d val / %d test images; %s",
@@ -133,7 +140,15 @@ class FusionRecipe:
             input_dim=experts[0].num_features,
             **fusion_arguments(cfg.fusion),
         )
-        self.model = MCN(experts, fusion, classes)
+        self.model = MCN(
+            experts,
+            fusion,
+            classes,
+            ensemble_start=cfg.model.ensemble_start,
+            expert_dropout=float(cfg.model.expert_dropout),
+        )
+        # the pretrained experts as they came in, frozen: the teacher of ensemble distillation
+        self.teacher = ExpertStack(copy.deepcopy(experts)).requires_grad_(False) if cfg.loss.distill_weight else None
         self.forward = self.runtime.prepare(self.model)
 
     def _load_pretrained(self, expert: torch.nn.Module, index: int) -> dict:
@@ -167,18 +182,43 @@ class FusionRecipe:
 
     def _setup_batches(self) -> None:
         cfg, data, rt = self.cfg, self.data, self.runtime
-        self.train_batches = make_batches(data.part("fusion_train_indices"), data, cfg, rt, train=True, seed=cfg.seed)
+        self.train_batches = make_batches(
+            data.part("fusion_train_indices"),
+            data,
+            cfg,
+            rt,
+            train=True,
+            seed=cfg.seed,
+            **self.augmentation.batch_extras,
+        )
         self.val_batches = make_batches(data.part("fusion_val_indices"), data, cfg, rt, train=False)
         self.test_batches = make_batches(data.test, data, cfg, rt, train=False)
-        self.generators = [self.train_batches.generator]
+        self.generators = [self.train_batches.generator, self.augmentation.generator]
 
     def _setup_optimizer(self) -> None:
-        optim = self.cfg.optim
+        optim, frozen = self.cfg.optim, int(self.cfg.trainer.freeze_experts_epochs)
         self.optimizer = self.model.configure_optimizers(
             optim, self.lrs["base_lr"], self.lrs["head_lr"], fused=True if self.runtime.fused_optimizer else None
         )
-        self.scheduler = schedule_from_config(self.optimizer, optim, self.cfg.trainer.epochs, len(self.train_batches))
+        # frozen experts: their rate is 0, then they warm up and decay over the epochs that remain
+        self.scheduler = schedule_from_config(
+            self.optimizer, optim, self.cfg.trainer.epochs, len(self.train_batches), start_epochs={"base_lr": frozen}
+        )
         self.grad_clip = optim.grad_clip
+
+    def _setup_objective(self) -> None:
+        loss, rt = self.cfg.loss, self.runtime
+        distillation = None
+        if self.teacher is not None:
+            teacher = rt.prepare(self.teacher).eval()
+            distillation = Distillation(teacher, float(loss.distill_weight), float(loss.distill_temperature), rt)
+        self.objective = Objective.dual_path(
+            self.model.num_experts,
+            loss.alpha,
+            rt.device,
+            make_targets=self.augmentation.make_targets,
+            distillation=distillation,
+        )
 
     def _setup_outputs(self) -> None:
         k = self.model.num_experts
@@ -207,6 +247,9 @@ class FusionRecipe:
         best, epochs_run, seconds = loop.run()
         return self.finish(best, epochs_run, seconds)
 
+    def start_epoch(self, epoch: int) -> None:
+        self.model.experts_frozen = epoch <= self.cfg.trainer.freeze_experts_epochs
+
     # ------------------------------------------------------------------ save
     def architectures(self) -> dict:
         m = self.model
@@ -218,7 +261,7 @@ class FusionRecipe:
                 "input_dim": m.num_features,
                 **{k: v for k, v in fusion_arguments(self.cfg.fusion).items() if v is not None},
             },
-            "global_head": {"in_features": m.num_features, "num_classes": m.global_head.out_features},
+            "global_head": m.global_head.architecture,
         }
 
     def _save_complete(self, path: Path, epoch: int, metrics: dict) -> None:
