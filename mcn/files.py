@@ -87,6 +87,23 @@ class FusionRunFiles:
     def status(self) -> Path:
         return self.root / "run_status.json"
 
+    # what `python -m mcn.robustness` writes beside the run
+    @property
+    def robustness_csv(self) -> Path:
+        return self.root / f"robustness_{self.fusion_type}.csv"
+
+    @property
+    def robustness_summary(self) -> Path:
+        return self.root / f"robustness_{self.fusion_type}.md"
+
+    @property
+    def robustness_corruption_png(self) -> Path:
+        return self.root / f"robustness_{self.fusion_type}_corruptions.png"
+
+    @property
+    def robustness_ood_png(self) -> Path:
+        return self.root / f"robustness_{self.fusion_type}_ood.png"
+
 
 # a fusion run's file names, read back: (component, pattern with the claims the name makes)
 COMPONENT_PATTERNS = [

@@ -48,6 +48,8 @@ SUMMARY_COLUMNS = [
     "expert_test_accuracy",
     "initial_expert_test_accuracy",
     "initial_ensemble_test_accuracy",
+    "corruption_accuracy",
+    "ood_auroc",
     "pretrained_experts",
     "parameters",
     "epochs_run",
@@ -58,6 +60,8 @@ SUMMARY_COLUMNS = [
 
 
 def collect_runs(root: str | Path) -> list[dict]:
+    from mcn.robustness import headline  # here, not at the top: mcn.robustness imports this module
+
     rows = []
     for run in find_fusion_runs(Path(root)):
         if not run.results.exists():  # not finished: say where it stands, and why it stopped
@@ -90,6 +94,7 @@ def collect_runs(root: str | Path) -> list[dict]:
                 "epochs_run": r["epochs_run"],
                 "wall_time_s": r["wall_time_s"],
                 "folder": str(run.root),
+                **(headline(run) or {}),  # mean corruption accuracy and OOD AUROC, once mcn.robustness has run
             }
         )
     return rows
