@@ -201,6 +201,11 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
         assert float(row["test_accuracy"]) == pytest.approx(saved["test_accuracy"], abs=5e-5)
         assert int(row["best_epoch"]) == saved["best_epoch"] and int(row["parameters"]) == saved["parameters"]["total"]
     assert "| concatenation | done |" in out.with_suffix(".md").read_text()
+    # the study groups the two multiplicative runs, which differ only in their seed (configs from their checkpoints)
+    study = (tmp_path / "fusion_performance_summary_study.md").read_text()
+    mean = (runs[0][1]["test_accuracy"] + runs[1][1]["test_accuracy"]) / 2
+    assert f"| multiplicative | 2 | 42 7 | {mean:.4f} ± " in study and "| concatenation | 1 | 42 |" in study
+    assert "3 finished runs in 2 groups" in study and "2 runs not in any mean (1 running, 1 failed)" in study
     for png in ("fusion_performance_summary_val_accuracy.png", "fusion_performance_summary_test_accuracy.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shutil.rmtree(running), shutil.rmtree(failed)

@@ -1,0 +1,166 @@
+"""What the same experts give without a fusion module, and how well calibrated a prediction is.
+
+Pure functions on CPU float32 tensors, no file I/O. `expert_baselines(train, val, test)` takes the
+logits of the same K experts on the fusion training part, the fusion validation part and the test
+set, and reports on the test set, with everything fitted or selected on the other two parts:
+
+- `logit_average`: the mean of the experts' logits;
+- `probability_average`: the mean of the experts' softmax probabilities;
+- `temperature_scaled_average`: the logit average divided by one temperature, fitted on val by
+  minimising its NLL (`temperature`); the argmax, hence the accuracy, is the logit average's;
+- `stacking`: multinomial logistic regression over the concatenated expert logits (standardised),
+  fitted on the fusion training part, its L2 strength chosen among `STACKING_C` by val NLL (`C`);
+- `best_single_expert`: the expert with the best val accuracy, ties to the lowest index (`index`).
+
+Each value is `calibration()` on test (`accuracy`, `nll`, `ece`) plus that extra. With one expert
+the four combinations are undefined (None) and the best single expert is that expert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from mcn.errors import MCNError
+
+ECE_BINS = 15
+STACKING_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # inverse L2 strengths tried for stacking; val NLL picks one
+TEMPERATURE_RANGE = (1e-2, 1e2)  # the temperature search interval
+CALIBRATION_METRICS = ("accuracy", "nll", "ece")  # what calibration() returns
+# every baseline, and what it reports besides calibration(): what was fitted or chosen
+BASELINES = {
+    "logit_average": (),
+    "probability_average": (),
+    "temperature_scaled_average": ("temperature",),
+    "stacking": ("C",),
+    "best_single_expert": ("index",),
+}
+
+Part = tuple[torch.Tensor, torch.Tensor]  # (expert logits [K, N, C], labels [N])
+
+
+def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list]:
+    """Per equal-width confidence bin ([i/bins, (i+1)/bins), the last one closed): the mean confidence of the
+    top class, the accuracy and the number of samples; an empty bin has None for its mean and accuracy."""
+    confidence, predicted = logits.float().softmax(-1).max(-1)
+    hits = (predicted == labels).double()
+    index = (confidence * bins).long().clamp(max=bins - 1)
+    count = torch.bincount(index, minlength=bins).tolist()
+    confidence_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence.double()).tolist()
+    hit_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, hits).tolist()
+    return {
+        "confidence": [s / n if n else None for s, n in zip(confidence_sum, count)],
+        "accuracy": [s / n if n else None for s, n in zip(hit_sum, count)],
+        "count": count,
+    }
+
+
+def expected_calibration_error(bins: dict[str, list]) -> float:
+    """ECE of a reliability() result: the sum over bins of (bin share of samples) x |bin accuracy - bin confidence|."""
+    n = sum(bins["count"])
+    return sum(c / n * abs(a - p) for p, a, c in zip(bins["confidence"], bins["accuracy"], bins["count"]) if c)
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, NLL (mean cross-entropy) and the expected calibration error over `ECE_BINS` equal-width bins."""
+    return {
+        "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+        "nll": F.cross_entropy(logits.float(), labels).item(),
+        "ece": expected_calibration_error(reliability(logits, labels)),
+    }
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the NLL of `logits / T` (searched over log T: the NLL is unimodal in it)."""
+    logits = logits.double()
+
+    def nll(log_t: float) -> float:
+        return F.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    low, high = TEMPERATURE_RANGE
+    found = minimize_scalar(nll, bounds=(math.log(low), math.log(high)), method="bounded", options={"xatol": 1e-6})
+    return math.exp(found.x)
+
+
+def _features(expert_logits: torch.Tensor) -> np.ndarray:
+    """[K, N, C] -> [N, K*C]: each sample's expert logits side by side."""
+    k, n, c = expert_logits.shape
+    return expert_logits.permute(1, 0, 2).reshape(n, k * c).double().numpy()
+
+
+def _log_probabilities(model, x: np.ndarray, classes: int) -> torch.Tensor:
+    """The model's log-probabilities over all `classes`; a class absent from its training data gets -inf."""
+    out = torch.full((len(x), classes), -math.inf, dtype=torch.float64)
+    out[:, torch.as_tensor(model.classes_)] = torch.from_numpy(model.predict_log_proba(x))
+    return out.float()
+
+
+def fit_stacking(train: Part, val: Part) -> tuple[object, float]:
+    """Logistic regression over the concatenated expert logits, fitted on `train`, its C chosen by val NLL
+    (ties to the stronger regularisation): (the fitted model, C)."""
+    (train_logits, train_labels), (val_logits, val_labels) = train, val
+    classes = train_logits.shape[-1]
+    x_train, x_val = _features(train_logits), _features(val_logits)
+    best = None
+    # one thread: these fits are small, and OpenMP threads spinning on a shared node made them 100x slower here
+    with threadpool_limits(1):
+        for c in STACKING_C:
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
+            model.fit(x_train, train_labels.numpy())
+            val_nll = calibration(_log_probabilities(model, x_val, classes), val_labels)["nll"]
+            if best is None or val_nll < best[0]:
+                best = (val_nll, model, c)
+    return best[1], best[2]
+
+
+def _check_parts(parts: dict[str, Part]) -> None:
+    shapes = {}
+    for name, (logits, labels) in parts.items():
+        if logits.ndim != 3 or labels.ndim != 1 or logits.shape[1] != labels.shape[0]:
+            raise MCNError(
+                f"{name} part: expert logits must be [K, N, C] and labels [N]; "
+                f"got {list(logits.shape)} and {list(labels.shape)}"
+            )
+        shapes[name] = (logits.shape[0], logits.shape[2])
+    if len(set(shapes.values())) > 1:
+        raise MCNError(
+            f"the parts hold different experts or classes ([K, C] per part: {shapes}); pass the same experts"
+        )
+
+
+def expert_baselines(train: Part, val: Part, test: Part) -> dict[str, dict | None]:
+    """Every baseline of the module docstring, on `test`; see there for what is fitted on which part."""
+    parts = {"train": train, "val": val, "test": test}
+    _check_parts(parts)
+    (train_logits, train_labels), (val_logits, val_labels), (test_logits, test_labels) = (
+        (logits.detach().float().cpu(), labels.detach().long().cpu()) for logits, labels in parts.values()
+    )
+    val_accuracy = (val_logits.argmax(-1) == val_labels).float().mean(1)
+    best = int(val_accuracy.argmax())  # the first of equals
+    out: dict[str, dict | None] = dict.fromkeys(BASELINES)
+    out["best_single_expert"] = {**calibration(test_logits[best], test_labels), "index": best}
+    if len(test_logits) == 1:  # one expert: nothing to combine
+        return out
+    out["logit_average"] = calibration(test_logits.mean(0), test_labels)
+    # log of the mean probability, kept finite where one expert's probability underflows
+    mean_log_probability = test_logits.log_softmax(-1).logsumexp(0) - math.log(len(test_logits))
+    out["probability_average"] = calibration(mean_log_probability, test_labels)
+    temperature = fit_temperature(val_logits.mean(0), val_labels)
+    out["temperature_scaled_average"] = {
+        **calibration(test_logits.mean(0) / temperature, test_labels),
+        "temperature": temperature,
+    }
+    model, c = fit_stacking((train_logits, train_labels), (val_logits, val_labels))
+    out["stacking"] = {
+        **calibration(_log_probabilities(model, _features(test_logits), test_logits.shape[-1]), test_labels),
+        "C": c,
+    }
+    return out
