@@ -21,12 +21,13 @@ from omegaconf import DictConfig
 from mcn.cli import log, one_line_errors
 from mcn.data.prepare import PreparedData, prepare_data
 from mcn.errors import MCNError
+from mcn.evaluate import report
 from mcn.files import load_file, pretrained_expert_path
 from mcn.models import create_expert
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe, check_pretrained_expert
 from mcn.recipes.fusion import FusionRecipe
-from mcn.reports import collect_runs, markdown_table, write_summary
+from mcn.reports import collect_runs
 
 
 def expert_is_current(path: Path, index: int, cfg: DictConfig, data: PreparedData) -> bool:
@@ -48,26 +49,9 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], output_dir: str | Path) 
     for seed in cfg.pipeline.seeds:
         seeded = [*overrides, f"seed={seed}"]
         run_seed(compose("train", overrides=seeded), seeded, out / f"seed_{seed}")
-    rows = collect_runs(out)
-    csv_path, md_path = write_summary(rows, out / "summary.csv")
-    log.info(
-        "summary (%s, %s):\n%s",
-        csv_path,
-        md_path,
-        markdown_table(
-            rows,
-            [
-                "fusion_type",
-                "best_epoch",
-                "val_accuracy",
-                "test_accuracy",
-                "ensemble_test_accuracy",
-                "expert_test_accuracy",
-                "initial_expert_test_accuracy",
-            ],
-        ),
-    )
-    return rows
+    markdown, paths = report(out, out / "summary.csv")
+    log.info("the study over seeds %s (%s):\n%s", list(cfg.pipeline.seeds), ", ".join(map(str, paths)), markdown)
+    return collect_runs(out)
 
 
 def run_seed(cfg: DictConfig, overrides: list[str], out: Path) -> None:

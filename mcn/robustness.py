@@ -429,7 +429,7 @@ def evaluate_run(run: FusionRunFiles, device: str | None = None, batch_size: int
         runtime,
         batch_size or cfg.trainer.batch_size,
     )
-    rows = [{"fusion_type": run.fusion_type, "alpha": cfg.trainer.alpha, **row} for row in rows]
+    rows = [{"fusion_type": run.fusion_type, "alpha": cfg.loss.alpha, **row} for row in rows]
     mismatches = check_against_record(rows, results, run.results)
     seconds = time.perf_counter() - start
     where = f"cpu, torch threads: {torch.get_num_threads()}" if runtime.device.type == "cpu" else str(runtime.device)

@@ -135,6 +135,7 @@ def test_pipeline_end_to_end(tmp_path):
         "pretrain.epochs=3",
         "trainer.epochs=2",
         "pipeline.fusions=[multiplicative,TransformerBase]",
+        "pipeline.seeds=[42]",
         "trainer.progress_bar=false",
         f"paths.output_root={tmp_path / 'outputs'}",
     ]

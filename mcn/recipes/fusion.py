@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from mcn import distributed
+from mcn.baselines import calibration, expert_baselines, reliability
 from mcn.cli import log
 from mcn.config import absolute_paths, require_positive, resolved
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
@@ -44,7 +45,7 @@ from mcn.files import (
     save_torch,
     write_json,
 )
-from mcn.loop import UNDEFINED, Distillation, EpochLoop, Objective, evaluate
+from mcn.loop import UNDEFINED, Distillation, EpochLoop, Objective, head_metrics, predict
 from mcn.models import MCN, ExpertStack, create_expert, create_fusion, list_fusions
 from mcn.optim import input_width_lrs, schedule_from_config
 from mcn.recipes.expert import check_pretrained_expert
@@ -56,6 +57,12 @@ from mcn.tracking import RunTracker
 def fusion_arguments(fusion_cfg: DictConfig) -> dict:
     """The fusion module's constructor arguments: everything in `fusion/*.yaml` but its name."""
     return {k: v for k, v in resolved(fusion_cfg).items() if k != "name"}
+
+
+def experts_of(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' logits [K, N, C] (without the global head's) and the labels, from `predict`."""
+    logits, labels = part
+    return logits[1:], labels
 
 
 class FusionRecipe:
@@ -194,6 +201,12 @@ class FusionRecipe:
         self.val_batches = make_batches(data.part("fusion_val_indices"), data, cfg, rt, train=False)
         self.test_batches = make_batches(data.test, data, cfg, rt, train=False)
         self.generators = [self.train_batches.generator, self.augmentation.generator]
+        # what the baselines are fitted on, selected on and measured on (the training part plain, in order)
+        self.measured_parts = {
+            "train": make_batches(data.part("fusion_train_indices"), data, cfg, rt, train=False),
+            "val": self.val_batches,
+            "test": self.test_batches,
+        }
 
     def _setup_optimizer(self) -> None:
         optim, frozen = self.cfg.optim, int(self.cfg.trainer.freeze_experts_epochs)
@@ -232,10 +245,15 @@ class FusionRecipe:
         self.tracker = RunTracker(self.cfg, self.files.root, f"fusion_{self.fusion_type}", self.files.tracker_id)
 
     # ------------------------------------------------------------------ train
+    def predict_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every head's logits [K + 1, N, C] and the labels: fusion training part, validation part, test set."""
+        return {part: predict(self.forward, batches, self.runtime) for part, batches in self.measured_parts.items()}
+
     def train(self) -> dict:
         trainer = self.cfg.trainer
-        # the experts as they came in, measured before fusion training: the baseline fusion must beat
-        self.initial_test = evaluate(self.forward, self.test_batches, self.objective, self.runtime)
+        # the experts as they came in, measured before fusion training: the baselines the fusion must beat
+        self.initial = self.predict_parts()
+        self.initial_test = head_metrics(*self.initial["test"], self.objective)
         loop = EpochLoop(
             self,
             epochs=int(trainer.epochs),
@@ -302,7 +320,14 @@ class FusionRecipe:
         self.model.load_state_dict(best_ckpt["state_dict"])
         if not self.files.global_head(best["epoch"]).exists():
             self.save_checkpoint(best["epoch"], best_ckpt["metrics"])  # the best epoch as components too
-        test = evaluate(self.forward, self.test_batches, self.objective, self.runtime)
+        final = self.predict_parts()
+        test = head_metrics(*final["test"], self.objective)
+        pretrained = self.cfg.experts.dir is not None  # experts from scratch have no "pretrained" baselines
+        baselines = {
+            "pretrained": expert_baselines(*map(experts_of, self.initial.values())) if pretrained else None,
+            "joint": expert_baselines(*map(experts_of, final.values())),
+        }
+        test_logits, test_labels = final["test"]
         self.report.add({"phase": "test", "epoch": best["epoch"], **test, "elapsed_s": round(train_time, 2)})
         k = self.model.num_experts
         results = {
@@ -317,6 +342,12 @@ class FusionRecipe:
             "oracle_test_accuracy": test.get("oracle_accuracy"),
             "initial_expert_test_accuracy": [self.initial_test[f"expert_{i}_accuracy"] for i in range(k)],
             "initial_ensemble_test_accuracy": self.initial_test.get("ensemble_accuracy"),
+            "test_calibration": calibration(test_logits[0], test_labels),
+            "baselines": baselines,
+            "reliability": {
+                "fusion": reliability(test_logits[0], test_labels),
+                "logit_average": reliability(self.initial["test"][0][1:].mean(0), test_labels) if pretrained else None,
+            },
             "experts_from": [s["path"] for s in self.expert_sources],
             "parameters": self.model.parameter_counts(),
             "learning_rates": self.lrs,
@@ -341,6 +372,14 @@ class FusionRecipe:
             UNDEFINED if k == 1 else f"{test['ensemble_accuracy']:.4f}",
             ", ".join(f"{a:.4f}" for a in results["initial_expert_test_accuracy"]),
         )
+        for experts, per_baseline in baselines.items():
+            if per_baseline is not None:
+                log.info(
+                    "%s: %s experts' baselines on test: %s",
+                    self.fusion_type,
+                    experts,
+                    ", ".join(f"{name} {v['accuracy']:.4f}" for name, v in per_baseline.items() if v is not None),
+                )
         return results
 
     # ------------------------------------------------------------------ cleanup
