@@ -147,6 +147,10 @@ def test_mixed_pipeline_pretrains_each_family_and_fuses_them(mixed_pipeline):
     assert results["parameters"]["adapters"] == sum((d + 1) * 128 for d in (64, 48, 96))
     complete = load_checkpoint(run_dir / "best_complete_fusion_concatenation.pth", component="complete")
     assert complete["architecture"]["fusion"]["input_dim"] == 128
+    epoch = results["best_epoch"]
+    assert [load_checkpoint(run_dir / "experts" / f"expert_{i}_epoch_{epoch}.pth")["family"] for i in range(4)] == [
+        "wide_resnet", "preact_resnet", "densenet", "timm"
+    ]  # fmt: skip
     assert [a["preset"] for a in complete["architecture"]["experts"]] == [
         "wrn10_1",
         "preact_resnet_tiny",

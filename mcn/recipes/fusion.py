@@ -246,7 +246,10 @@ class FusionRecipe:
         common = {"fusion_type": self.fusion_type, "metrics": val, "config": self.config}
         for i, expert in enumerate(self.model.experts):
             save_torch(
-                make_checkpoint("expert", expert, arch["experts"][i], epoch, index=i, **common), files.expert(i, epoch)
+                make_checkpoint(
+                    "expert", expert, arch["experts"][i], epoch, index=i, family=self.expert_specs[i].family, **common
+                ),
+                files.expert(i, epoch),
             )
         # the adapters train with the fusion module and travel with it: its file holds their weights
         fusion_extras = {
