@@ -2,8 +2,13 @@
 
     python benchmarks/throughput.py                                   # CPU: wrn10_1 and wrn16_4, 32x32
     python benchmarks/throughput.py --device cuda --experts wrn28_10  # GPU, with MFU
+    python benchmarks/throughput.py --experts densenet_tiny timm/test_resnet         # other families
+    python benchmarks/throughput.py --experts wrn10_1,preact_resnet_tiny,densenet_tiny,resnext_tiny  # mixed
 
-For each (expert preset, fusion type, knobs) it times `--steps` training steps after `--warmup`:
+`--experts` takes any preset of the expert registry (`timm/<model>` for a timm backbone), each timed as
+`--num-experts` alike experts, or a comma-separated list of one preset per expert (mixed experts, fused at the
+widest feature through adapters).
+For each (experts, fusion type, knobs) it times `--steps` training steps after `--warmup`:
 - framework: `TensorBatches` (uint8 set on the device, crop + flip there) feeding
   `mcn.loop.train_epoch` (dual-path loss, clipping, cosine schedule, on-device metrics);
 - bare: the same model, optimiser, batch and loss in a plain `for` loop over pre-made float batches.
@@ -25,15 +30,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mcn.data.loader import TensorBatches
 from mcn.loop import Objective, stacked_logits, train_epoch, weighted_cross_entropy
-from mcn.models import MCN, create_expert, create_fusion
+from mcn.models import MCN, ExpertSpec, create_fusion, fusion_width
 from mcn.optim import cosine_schedule
 from mcn.runtime import Runtime
 
 
-def build(preset: str, fusion: str, k: int, classes: int, runtime: Runtime):
+def expert_specs(experts: str, k: int) -> list[ExpertSpec]:
+    """`wrn10_1` (k alike) or `wrn10_1,densenet_tiny,...` (one per expert)."""
+    entries = experts.split(",")
+    return [ExpertSpec.parse(e) for e in (entries * k if len(entries) == 1 else entries)]
+
+
+def build(experts: str, fusion: str, k: int, classes: int, runtime: Runtime):
     torch.manual_seed(0)
-    experts = [create_expert(preset, classes, 3) for _ in range(k)]
-    model = MCN(experts, create_fusion(fusion, k, experts[0].num_features), classes)
+    members = [spec.build(classes, 3) for spec in expert_specs(experts, k)]
+    width = fusion_width([e.num_features for e in members])
+    model = MCN(members, create_fusion(fusion, len(members), width), classes, width)
     forward = runtime.prepare(model)
     opt = model.configure_optimizers(
         {"name": "adamw", "weight_decay": 1e-4}, 1e-4, 1e-3, fused=True if runtime.fused_optimizer else None
@@ -149,7 +161,7 @@ def main(argv=None) -> list[dict]:
     images = torch.randint(0, 256, (n_images, 3, args.size, args.size), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, args.classes, (n_images,), generator=g).to(device)
     rows = []
-    for preset, fusion, knobs in itertools.product(args.experts, args.fusions, knob_sets):
+    for experts, fusion, knobs in itertools.product(args.experts, args.fusions, knob_sets):
         on = set(knobs.split("+"))
         runtime = Runtime(
             device=device,
@@ -159,15 +171,14 @@ def main(argv=None) -> list[dict]:
             fused_optimizer=device.type == "cuda",
             data_on_device=True,
         )
-        model, forward, opt = build(preset, fusion, args.num_experts, args.classes, runtime)
-        time_bare(
-            forward, model, opt, runtime, images, labels, args.batch, args.warmup, args.num_experts
-        )  # warm-up (and compile)
+        model, forward, opt = build(experts, fusion, args.num_experts, args.classes, runtime)
+        k = model.num_experts
+        time_bare(forward, model, opt, runtime, images, labels, args.batch, args.warmup, k)  # warm-up (and compile)
         # interleaved rounds, median of each: a shared VM's speed drifts by tens of percent over a minute
         rounds = [
             (
-                time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, args.num_experts),
-                time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, args.num_experts),
+                time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, k),
+                time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, k),
             )
             for _ in range(args.rounds)
         ]
@@ -175,7 +186,7 @@ def main(argv=None) -> list[dict]:
         ips = args.batch * args.steps / framework
         row = {
             "device": str(device),
-            "experts": f"{args.num_experts}x{preset}",
+            "experts": experts if "," in experts else f"{k}x{experts}",
             "fusion": fusion,
             "knobs": knobs,
             "batch": args.batch,

@@ -29,7 +29,7 @@ from mcn.data.prepare import make_batches, prepare_data
 from mcn.errors import CheckpointError, MCNError
 from mcn.files import COMPONENT_PATTERNS, FusionRunFiles, load_checkpoint, load_weights
 from mcn.loop import UNDEFINED, Objective, evaluate
-from mcn.models import MCN, ExpertStack, build_expert, build_fusion, build_mcn
+from mcn.models import MCN, ExpertSpec, ExpertStack, build_expert, build_fusion, build_mcn
 from mcn.runtime import Runtime
 
 
@@ -43,6 +43,7 @@ class Component:
     val_accuracy: float | None
     size_mb: float
     best: bool
+    preset: str | None = None  # an expert's preset (its family's), e.g. densenet121 or timm/resnet18
 
 
 def load_component(
@@ -85,6 +86,7 @@ def list_components(checkpoint_dir: str | Path) -> list[Component]:
                         metric,
                         path.stat().st_size / 2**20,
                         rel.startswith("best_"),
+                        ExpertSpec.parse(ckpt["architecture"]).label if kind == "expert" else None,
                     )
                 )
                 break
@@ -183,26 +185,37 @@ def reconstruct(
         fusion_type=None if fusion_file else fusion_type,
     )
     arch = fusion_ckpt["architecture"]
-    width = experts[0].num_features
-    if (arch["num_experts"], arch["input_dim"]) != (k, width):
+    width = arch["input_dim"]
+    # what the fusion module was trained on: each expert's feature width (files from before adapters: all at its own)
+    takes = fusion_ckpt.get("expert_widths", [width] * arch["num_experts"])
+    if arch["num_experts"] != k or len(takes) != k:
+        widths = [e.num_features for e in experts]
         raise CheckpointError(
-            f"fusion module {fusion_path} takes {arch['num_experts']} experts of width {arch['input_dim']}; "
-            f"these are {k} experts of width {width}"
+            f"fusion module {fusion_path} takes {arch['num_experts']} experts of width {width}; these are {k} experts "
+            f"of width {widths[0] if len(set(widths)) == 1 else widths}"
         )
+    for i, (expert, d) in enumerate(zip(experts, takes)):
+        if expert.num_features != d:  # an expert of another family fits only where its width does
+            raise CheckpointError(
+                f"fusion module {fusion_path} takes {d} features from expert {i}, but "
+                f"{files.expert(i, expert_epochs[i]).name} is a {ExpertSpec.parse(expert.architecture).label} "
+                f"expert with {expert.num_features}; use a fusion module trained on experts of these widths"
+            )
     fusion = build_fusion(arch)
     load_weights(fusion, fusion_ckpt["state_dict"], fusion_path, f"{arch['name']} fusion module")
     head_path = (
         Path(global_file) if global_file else _file(root, files.global_head(global_epoch), "global_head", global_epoch)
     )
     head_ckpt = load_component(head_path, "global_head", epoch=None if global_file else global_epoch)
-    classes = experts[0].classifier.out_features
+    classes = experts[0].architecture["num_classes"]
     head_arch = head_ckpt["architecture"]
     if (head_arch["in_features"], head_arch["num_classes"]) != (width, classes):
         raise CheckpointError(
-            f"global head {head_path} is {head_arch}; these experts need "
+            f"global head {head_path} is {head_arch}; this fusion module and these experts need "
             f"{{'in_features': {width}, 'num_classes': {classes}}}"
         )
-    model = MCN(experts, fusion, classes, ensemble_start=head_arch.get("ensemble_start", False))
+    model = MCN(experts, fusion, classes, width, ensemble_start=head_arch.get("ensemble_start", False))
+    load_weights(model.adapters, fusion_ckpt.get("adapters", {}), fusion_path, "adapters")
     load_weights(model.global_head, head_ckpt["state_dict"], head_path, "global head")
     sources = {"experts": expert_epochs, "fusion": fusion_ckpt["epoch"], "global head": head_ckpt["epoch"]}
     mixed = len(set(expert_epochs) | {fusion_ckpt["epoch"], head_ckpt["epoch"]}) > 1 or fusion_file or global_file
@@ -263,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     with one_line_errors():
         if args.action == "list":
             rows = list_components(args.checkpoint_dir)
-            print(f"{'kind':<12} {'index':>5} {'fusion type':<24} {'epoch':>5} {'val acc':>8} {'MB':>8}  file")
+            head = f"{'kind':<12} {'index':>5} {'expert':<20} {'fusion type':<24} {'epoch':>5} {'val acc':>8} {'MB':>8}"
+            print(f"{head}  file")
             for c in rows:
                 acc = "" if c.val_accuracy is None else f"{c.val_accuracy:.4f}"
                 print(
-                    f"{c.kind:<12} {'' if c.index is None else c.index:>5} {c.fusion_type or '':<24} {c.epoch:>5} "
-                    f"{acc:>8} {c.size_mb:>8.2f}  {c.path.relative_to(args.checkpoint_dir)}"
+                    f"{c.kind:<12} {'' if c.index is None else c.index:>5} {c.preset or '':<20} "
+                    f"{c.fusion_type or '':<24} {c.epoch:>5} {acc:>8} {c.size_mb:>8.2f}  "
+                    f"{c.path.relative_to(args.checkpoint_dir)}"
                 )
             return 0
         if args.action == "reconstruct":

@@ -4,7 +4,8 @@ split -> K experts -> the fusion sweep (`pipeline.fusions`); then one summary ov
     python -m mcn.pipeline experiment=quickstart
     python -m mcn.pipeline experiment=quickstart pipeline.seeds=[0,1,2]
 
-Experts already in `paths.experts_dir` for this split and architecture are reused unless
+Expert i is pretrained with its own preset (`experts.presets`, mixed experts) and its family's recipe; experts
+already in `paths.experts_dir` (named after the presets) for this split and architecture are reused unless
 `pipeline.retrain_experts=true`. Every stage composes the same config tree with the command
 line's overrides, so `mcn.experts` / `mcn.train` on Slurm give the same runs.
 """
@@ -19,23 +20,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mcn.cli import log, one_line_errors
+from mcn.config import expert_specs
 from mcn.data.prepare import PreparedData, prepare_data
 from mcn.errors import MCNError
 from mcn.evaluate import report
 from mcn.files import load_file, pretrained_expert_path
-from mcn.models import create_expert
+from mcn.models import ExpertSpec
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe, check_pretrained_expert
 from mcn.recipes.fusion import FusionRecipe
 from mcn.reports import collect_runs
 
 
-def expert_is_current(path: Path, index: int, cfg: DictConfig, data: PreparedData) -> bool:
-    """Whether the fusion stage would accept this file (`check_pretrained_expert`), so it need not be retrained."""
-    expert = create_expert(cfg.expert.preset, data.train.num_classes, data.train.in_channels)
-    architecture = {"preset": cfg.expert.preset, **expert.architecture}
+def expert_is_current(path: Path, index: int, spec: ExpertSpec, cfg: DictConfig, data: PreparedData) -> bool:
+    """Whether the fusion stage would accept this file as expert `index` (`check_pretrained_expert`), so it need not
+    be retrained."""
+    expert = spec.build(data.train.num_classes, data.train.in_channels)
     try:
-        check_pretrained_expert(load_file(path), path, index, architecture, cfg.data.name, data.split)
+        check_pretrained_expert(load_file(path), path, index, expert.architecture, cfg.data.name, data.split)
     except MCNError:
         return False
     return True
@@ -59,10 +61,10 @@ def run_seed(cfg: DictConfig, overrides: list[str], out: Path) -> None:
     data = prepare_data(cfg)
     log.info("seed %s: split %s in %s", cfg.seed, data.split.hash, data.split.directory)
     experts_dir = Path(cfg.paths.experts_dir).resolve()
-    for i in range(cfg.experts.num):
+    for i, spec in enumerate(expert_specs(cfg)):
         path = pretrained_expert_path(experts_dir, cfg.experts.filename, i)
-        if not cfg.pipeline.retrain_experts and expert_is_current(path, i, cfg, data):
-            log.info("expert %d: reusing %s", i, path)
+        if not cfg.pipeline.retrain_experts and expert_is_current(path, i, spec, cfg, data):
+            log.info("expert %d (%s): reusing %s", i, spec.label, path)
             continue
         stage = compose("train", overrides=[*overrides, f"pretrain.index={i}"])
         run_recipe(ExpertRecipe(stage, out / "experts" / f"expert_{i}"))

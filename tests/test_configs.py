@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mcn.models import EXPERT_PRESETS, create_fusion, list_fusions
+from mcn.models import create_fusion, list_experts, list_fusions
 from mcn.recipes.fusion import fusion_arguments
 
 from conftest import CONF, compose_cfg, run_cli
@@ -36,7 +36,7 @@ def test_fusion_configs_name_registered_fusions_and_fit_their_constructors(tmp_p
 
 
 def test_expert_configs_name_presets():
-    assert {p.stem for p in (CONF / "expert").glob("*.yaml")} == set(EXPERT_PRESETS)
+    assert {p.stem for p in (CONF / "expert").glob("*.yaml")} == set(list_experts())
 
 
 @pytest.mark.parametrize(

@@ -53,15 +53,24 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
 
 
 def make_batches(
-    images: ImageSet, data: PreparedData, cfg: DictConfig, runtime: Runtime, *, train: bool, seed: int = 0, **augment
+    images: ImageSet,
+    data: PreparedData,
+    cfg: DictConfig,
+    runtime: Runtime,
+    *,
+    train: bool,
+    seed: int = 0,
+    batch_size: int | None = None,
+    **augment,
 ) -> TensorBatches:
     """Training batches (`train=True`: shuffled with `seed`, augmented, this process's share) or evaluation
-    batches (in order, plain). `augment`: TensorBatches' extras (`erasing`, `uint8_transform`)."""
+    batches (in order, plain), of `batch_size` images (default: trainer.batch_size). `augment`: TensorBatches'
+    extras (`erasing`, `uint8_transform`)."""
     home = runtime.device if runtime.data_on_device else "cpu"
     return TensorBatches(
         images.images.to(home),
         images.labels.to(home),
-        int(cfg.trainer.batch_size),
+        int(batch_size or cfg.trainer.batch_size),
         data.mean,
         data.std,
         train=train,

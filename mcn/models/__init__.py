@@ -1,18 +1,35 @@
+"""Experts (a registry of families, `mcn.models.registry`), fusion modules (`mcn.models.fusion`) and the MCN.
+
+Importing this package registers every expert family and fusion type."""
+
+from mcn.models import densenet, preact_resnet, resnext, timm_expert  # noqa: F401  (registers them)
 from mcn.models.fusion import create_fusion, list_fusions, register_fusion
-from mcn.models.mcn import MCN, ExpertStack, build_expert, build_fusion, build_mcn
-from mcn.models.wide_resnet import EXPERT_PRESETS, WideResNet, create_expert, wide_resnet
+from mcn.models.mcn import MCN, ExpertStack, build_fusion, build_mcn, fusion_width
+from mcn.models.registry import (
+    ExpertSpec,
+    build_expert,
+    create_expert,
+    expert_family,
+    list_experts,
+    register_expert,
+)
+from mcn.models.wide_resnet import WideResNet, wide_resnet
 
 __all__ = [
     "MCN",
     "ExpertStack",
+    "ExpertSpec",
+    "WideResNet",
     "build_expert",
     "build_fusion",
     "build_mcn",
-    "WideResNet",
-    "EXPERT_PRESETS",
     "create_expert",
     "create_fusion",
+    "expert_family",
+    "fusion_width",
+    "list_experts",
     "list_fusions",
+    "register_expert",
     "register_fusion",
     "wide_resnet",
 ]

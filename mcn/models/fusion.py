@@ -149,7 +149,7 @@ class TransformerBaseFusion(_Fusion):
         if input_dim % num_heads:
             raise ConfigError(
                 f"TransformerBase needs the feature width {input_dim} divisible by fusion.num_heads={num_heads}; "
-                f"pick a divisor of {input_dim}"
+                f"pick a divisor of {input_dim}, or a fusion.width that {num_heads} divides"
             )
         self.attention = nn.MultiheadAttention(input_dim, num_heads, dropout=dropout, batch_first=True)
 

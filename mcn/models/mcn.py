@@ -9,7 +9,7 @@ from torch import nn
 
 from mcn.errors import ConfigError
 from mcn.models.fusion import create_fusion
-from mcn.models.wide_resnet import create_expert
+from mcn.models.registry import build_expert
 from mcn.optim import optimizer_from_config
 
 
@@ -53,11 +53,19 @@ def drop_experts(features: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep.unsqueeze(-1), features, mean)
 
 
+def fusion_width(expert_widths: list[int], width: int | None = None) -> int:
+    """The fusion's input width: `width` when given, else the experts' widest feature (their common width when they
+    agree; the reference fused its mixed experts at the widest, docs/reference.md §7)."""
+    return max(expert_widths) if width is None else int(width)
+
+
 class MCN(nn.Module):
     """`forward(x)` returns `(global_logits [B, C], expert_logits [K, B, C])`.
 
     Each expert contributes its pooled features to the fusion and its own classifier's logits
-    (the "individual head") to the dual-path loss. The feature width is read off the experts.
+    (the "individual head") to the dual-path loss. The fusion takes `width`-wide features (default: the
+    experts' common width): an expert of another width reaches it through its own adapter, a
+    Linear(d_k, width) trained with the fusion (identity where d_k == width).
     Training options: `ensemble_start` (see GlobalHead), `expert_dropout` (see drop_experts), and
     `experts_frozen`, set per epoch by the recipe, which keeps the experts in eval mode (their learning
     rate is 0 then: see mcn.optim.cosine_schedule).
@@ -68,22 +76,26 @@ class MCN(nn.Module):
         experts: list[nn.Module],
         fusion: nn.Module,
         num_classes: int,
+        width: int | None = None,
         *,
         ensemble_start: bool = False,
         expert_dropout: float = 0.0,
     ):
         super().__init__()
-        widths = {e.num_features for e in experts}
-        if len(widths) != 1:
+        widths = [e.num_features for e in experts]
+        if width is None and len(set(widths)) != 1:
             raise ConfigError(
-                f"experts disagree on their feature width ({sorted(widths)}); use one expert preset for all"
+                f"experts disagree on their feature width ({widths}); give the fusion width (fusion.width) "
+                f"their adapters map to"
             )
         if not 0 <= expert_dropout < 1:
             raise ConfigError(f"model.expert_dropout={expert_dropout} must lie in [0, 1)")
+        width = fusion_width(widths, width)
         self.experts = nn.ModuleList(experts)
+        self.adapters = nn.ModuleList(nn.Identity() if d == width else nn.Linear(d, width) for d in widths)
         self.fusion = fusion
-        self.num_features = widths.pop()
-        self.global_head = GlobalHead(self.num_features, num_classes, ensemble_start)
+        self.num_features = width
+        self.global_head = GlobalHead(width, num_classes, ensemble_start)
         self.expert_dropout = expert_dropout
         self.experts_frozen = False
 
@@ -94,10 +106,10 @@ class MCN(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = [expert.forward_features(x) for expert in self.experts]
         expert_logits = torch.stack([expert.forward_head(f) for expert, f in zip(self.experts, features)])
-        stacked = torch.stack(features, dim=1)
+        adapted = torch.stack([adapt(f) for adapt, f in zip(self.adapters, features)], dim=1)
         if self.training and self.expert_dropout > 0:
-            stacked = drop_experts(stacked, self.expert_dropout)
-        global_logits = self.global_head(self.fusion(stacked))
+            adapted = drop_experts(adapted, self.expert_dropout)
+        global_logits = self.global_head(self.fusion(adapted))
         if self.global_head.gate is not None:
             global_logits = expert_logits.mean(0) + self.global_head.gate * global_logits
         return global_logits, expert_logits
@@ -108,10 +120,15 @@ class MCN(nn.Module):
             self.experts.eval()
         return self
 
+    @property
+    def expert_widths(self) -> list[int]:
+        return [e.num_features for e in self.experts]
+
     def parameter_counts(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {
             "experts": count(self.experts),
+            "adapters": count(self.adapters),
             "fusion": count(self.fusion),
             "global_head": count(self.global_head),
             "total": count(self),
@@ -120,20 +137,12 @@ class MCN(nn.Module):
     def configure_optimizers(
         self, optim: Mapping, base_lr: float, head_lr: float, *, fused: bool | None = None
     ) -> torch.optim.Optimizer:
-        """The one place where "experts at base_lr, fusion + global head at head_lr" lives.
+        """The one place where "experts at base_lr; adapters, fusion and global head at head_lr" lives.
         `optim`: the optimiser's config block (`optim/*.yaml`: name, weight_decay, momentum or betas)."""
-        head = [*self.fusion.parameters(), *self.global_head.parameters()]
+        head = [*self.adapters.parameters(), *self.fusion.parameters(), *self.global_head.parameters()]
         return optimizer_from_config(
             optim, [("base_lr", base_lr, self.experts.parameters()), ("head_lr", head_lr, head)], fused=fused
         )
-
-
-def build_expert(architecture: dict) -> nn.Module:
-    expert = create_expert(architecture["preset"], architecture["num_classes"], architecture["in_channels"])
-    wanted = {k: v for k, v in architecture.items() if k != "preset"}
-    if expert.architecture != wanted:
-        raise ConfigError(f"preset {architecture['preset']} is {expert.architecture}, the file describes {wanted}")
-    return expert
 
 
 def build_fusion(architecture: dict) -> nn.Module:
@@ -142,12 +151,14 @@ def build_fusion(architecture: dict) -> nn.Module:
 
 
 def build_mcn(architecture: dict) -> MCN:
-    """The inverse of a complete checkpoint's `architecture`: {"experts": [...], "fusion": ..., "global_head": ...}."""
+    """The inverse of a complete checkpoint's `architecture`: {"experts": [...], "fusion": ..., "global_head": ...};
+    the adapters follow from the experts' widths and the fusion's."""
     experts = [build_expert(a) for a in architecture["experts"]]
-    head = architecture["global_head"]
+    fusion, head = architecture["fusion"], architecture["global_head"]
     return MCN(
         experts,
-        build_fusion(architecture["fusion"]),
+        build_fusion(fusion),
         head["num_classes"],
+        fusion["input_dim"],
         ensemble_start=head.get("ensemble_start", False),
     )

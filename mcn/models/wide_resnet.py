@@ -1,18 +1,16 @@
-"""CIFAR-style pre-activation Wide ResNet (Zagoruyko & Komodakis), the MCN expert.
+"""CIFAR-style pre-activation Wide ResNet (Zagoruyko & Komodakis), the study's expert (docs/reference.md §2).
 
-Two layers of builders: `wide_resnet(...)` takes every argument; the presets (`wrn28_10()`, ...)
-write the numbers out and are what configs name (`expert.preset`).
+Two layers of builders: `wide_resnet(...)` takes every argument; the registered presets (`wrn28_10()`, ...)
+write the numbers out and are what configs name (`expert=wrn28_10`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcn.errors import ConfigError
+from mcn.models.registry import register_expert
 
 
 class _Block(nn.Module):
@@ -41,9 +39,7 @@ class _Block(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """Expert with the uniform interface the MCN relies on:
-    `forward_features` (pooled features), `forward_head` (the expert's own classifier),
-    `num_features` (the feature width), and `architecture` (constructor arguments)."""
+    """An expert with the uniform interface of `mcn.models.registry`."""
 
     def __init__(self, depth: int, widen_factor: int, dropout: float, num_classes: int, in_channels: int):
         super().__init__()
@@ -91,37 +87,29 @@ def wide_resnet(
     return WideResNet(depth, widen_factor, dropout, num_classes, in_channels)
 
 
+@register_expert("wrn28_10", family="wide_resnet")
 def wrn28_10(num_classes: int, in_channels: int) -> WideResNet:
     """The study's expert: 36.5 M parameters with 100 classes, 640-d features."""
     return wide_resnet(28, 10, 0.3, num_classes, in_channels)
 
 
+@register_expert("wrn16_8", family="wide_resnet")
 def wrn16_8(num_classes: int, in_channels: int) -> WideResNet:
     return wide_resnet(16, 8, 0.3, num_classes, in_channels)
 
 
+@register_expert("wrn16_4", family="wide_resnet")
 def wrn16_4(num_classes: int, in_channels: int) -> WideResNet:
     """2.7 M parameters, 256-d features: a single-GPU or patient-CPU expert."""
     return wide_resnet(16, 4, 0.0, num_classes, in_channels)
 
 
+@register_expert("wrn10_2", family="wide_resnet")
 def wrn10_2(num_classes: int, in_channels: int) -> WideResNet:
     return wide_resnet(10, 2, 0.0, num_classes, in_channels)
 
 
+@register_expert("wrn10_1", family="wide_resnet")
 def wrn10_1(num_classes: int, in_channels: int) -> WideResNet:
     """Tiny (~78 k parameters, 64-d features): what CPU tests and the quickstart afford."""
     return wide_resnet(10, 1, 0.0, num_classes, in_channels)
-
-
-EXPERT_PRESETS: dict[str, Callable[[int, int], WideResNet]] = {
-    fn.__name__: fn for fn in (wrn28_10, wrn16_8, wrn16_4, wrn10_2, wrn10_1)
-}
-
-
-def create_expert(preset: str, num_classes: int, in_channels: int) -> WideResNet:
-    if preset not in EXPERT_PRESETS:
-        raise ConfigError(
-            f"unknown expert preset {preset!r}; known: {', '.join(EXPERT_PRESETS)} (set expert=<one of them>)"
-        )
-    return EXPERT_PRESETS[preset](num_classes, in_channels)

@@ -1,10 +1,12 @@
 """Expert pretraining recipe: one expert on its own share of the expert pool.
 
+Expert i is built from its own preset (`experts.presets[i]`, or `expert` for all; `mcn.config.expert_specs`).
 Feature flags (`pretrain.*`):
 - `pretrain.optim`: SGD + Nesterov or AdamW, cosine schedule with warm-up, gradient clipping;
 - `pretrain.augment`: label smoothing, RandAugment (per image, costs CPU time), random erasing, CutMix
   (`mcn.data.prepare.training_augmentation`, shared with the fusion stage's `augment`).
-The defaults are the recipe of docs/reference.md §2.
+The defaults are the recipe of docs/reference.md §2; batch size, learning rate, weight decay and label smoothing
+left null are the expert family's (`pretrain.families`, docs/reference.md §7).
 
 Model selection uses the validation part carved from the expert's own share; the fusion holdout
 is never touched. The best epoch is published to `paths.experts_dir` under `experts.filename` (the
@@ -21,17 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mcn import distributed
 from mcn.cli import log
-from mcn.config import absolute_paths, require_fraction, require_positive, resolved
+from mcn.config import absolute_paths, expert_specs, require_fraction, require_positive, resolved
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.data.splits import Split
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files import ExpertRunFiles, check_checkpoint, load_checkpoint, make_checkpoint, save_torch, write_json
 from mcn.loop import EpochLoop, Objective, evaluate
-from mcn.models import create_expert
+from mcn.models import ExpertSpec
 from mcn.optim import optimizer_from_config, schedule_from_config
 from mcn.reports import CsvReport
 from mcn.runtime import Runtime, seed_everything
@@ -64,9 +66,10 @@ def check_pretrained_expert(obj: Any, path: Path, index: int, architecture: dict
                 f"point experts.dir at experts of this data set"
             )
     if theirs != architecture:
+        label = ExpertSpec.parse(theirs).label if "preset" in theirs else "?"
         raise CheckpointError(
-            f"{path} is a {ckpt['architecture']} expert, but the config asks for {architecture}; "
-            f"set expert={ckpt['architecture'].get('preset')} or point experts.dir elsewhere"
+            f"{path} is a {ckpt['architecture']} expert, but the config asks for {architecture} as expert {index}; "
+            f"set expert={label} (or entry {index} of experts.presets) or point experts.dir elsewhere"
         )
     seen = np.asarray(ckpt.get("train_indices", []), dtype=np.int64)
     leaked = np.intersect1d(seen, split["fusion_holdout_indices"]).size
@@ -81,6 +84,31 @@ def check_pretrained_expert(obj: Any, path: Path, index: int, architecture: dict
             f"{split.hash} ({split.directory}); retrain the experts or use their split"
         )
     return ckpt
+
+
+# pretrain.* keys that a family's row (pretrain.families) fills when they are null
+FAMILY_KEYS = {
+    "batch_size": "pretrain.batch_size",
+    "lr": "pretrain.optim.lr",
+    "weight_decay": "pretrain.optim.weight_decay",
+    "label_smoothing": "pretrain.augment.label_smoothing",
+}
+
+
+def apply_family_recipe(cfg: DictConfig, family: str) -> None:
+    """Fill the expert stage's null values with the family's (docs/reference.md §7); a null batch size in both
+    is trainer.batch_size. What is set explicitly (command line, experiment) stays."""
+    row = cfg.pretrain.families.get(family)
+    if row is None:
+        raise ConfigError(
+            f"pretrain.families has no row for expert family {family!r}; add one "
+            f"(pretrain.families.{family}={{batch_size: null, lr: 0.1, weight_decay: 5e-4, label_smoothing: 0.05}})"
+        )
+    for name, key in FAMILY_KEYS.items():
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, row.get(name))
+    if cfg.pretrain.batch_size is None:
+        cfg.pretrain.batch_size = cfg.trainer.batch_size
 
 
 class ExpertRecipe:
@@ -101,7 +129,7 @@ class ExpertRecipe:
         seed_everything(cfg.seed + self.index, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
         self.data = prepare_data(cfg)
-        self.model = create_expert(cfg.expert.preset, self.data.train.num_classes, self.data.train.in_channels)
+        self.model = self.spec.build(self.data.train.num_classes, self.data.train.in_channels)
         self.forward = self.runtime.prepare(self.model)
         self.augmentation = training_augmentation(
             cfg.pretrain.augment, self.data.train.num_classes, cfg.seed + self.index
@@ -112,10 +140,16 @@ class ExpertRecipe:
         self.generators = [self.train_batches.generator, self.augmentation.generator]
         self._setup_outputs()
         log.info(
-            "expert %d/%d: %s, %d train / %d val images (split %s, %s); %s",
+            "expert %d/%d: %s (%s family: batch %d, lr %g, weight decay %g, label smoothing %g), "
+            "%d train / %d val images (split %s, %s); %s",
             self.index,
             cfg.experts.num,
-            cfg.expert.preset,
+            self.spec.label,
+            self.spec.family,
+            cfg.pretrain.batch_size,
+            cfg.pretrain.optim.lr,
+            cfg.pretrain.optim.weight_decay,
+            cfg.pretrain.augment.label_smoothing,
             len(self.train_indices),
             len(self.val_batches.labels),
             self.data.split.hash,
@@ -124,18 +158,23 @@ class ExpertRecipe:
         )
 
     def _check_config(self) -> None:
+        """Also settles which expert this is: its spec, and its family's values for what the config left null
+        (so the config saved with the run holds the values used)."""
         cfg = self.cfg
-        require_positive(
-            cfg, "pretrain.epochs", "pretrain.optim.lr", "trainer.batch_size", "trainer.save_every", "experts.num"
-        )
-        require_fraction(cfg, *(f"pretrain.augment.{k}" for k in ("random_erasing", "cutmix", "label_smoothing")))
+        require_positive(cfg, "experts.num")
         if not isinstance(self.index, int) or not 0 <= self.index < cfg.experts.num:
             raise ConfigError(
                 f"pretrain.index={self.index} is outside 0..{cfg.experts.num - 1} (experts.num={cfg.experts.num})"
             )
+        self.spec = expert_specs(cfg)[self.index]
+        apply_family_recipe(cfg, self.spec.family)
+        self.config = resolved(cfg)
+        require_positive(cfg, "pretrain.epochs", "pretrain.optim.lr", "pretrain.batch_size", "trainer.save_every")
+        require_fraction(cfg, *(f"pretrain.augment.{k}" for k in ("random_erasing", "cutmix", "label_smoothing")))
 
     def _setup_batches(self) -> None:
         cfg, data, i = self.cfg, self.data, self.index
+        batch = int(cfg.pretrain.batch_size)
         self.train_indices = data.split[f"expert_{i}_train_indices"]
         self.train_batches = make_batches(
             data.part(f"expert_{i}_train_indices"),
@@ -144,10 +183,12 @@ class ExpertRecipe:
             self.runtime,
             train=True,
             seed=cfg.seed + i,
+            batch_size=batch,
             **self.augmentation.batch_extras,
         )
-        self.val_batches = make_batches(data.part(f"expert_{i}_val_indices"), data, cfg, self.runtime, train=False)
-        self.test_batches = make_batches(data.test, data, cfg, self.runtime, train=False)
+        val = data.part(f"expert_{i}_val_indices")
+        self.val_batches = make_batches(val, data, cfg, self.runtime, train=False, batch_size=batch)
+        self.test_batches = make_batches(data.test, data, cfg, self.runtime, train=False, batch_size=batch)
 
     def _setup_optimizer(self) -> None:
         optim = self.cfg.pretrain.optim
@@ -184,10 +225,11 @@ class ExpertRecipe:
         return make_checkpoint(
             "expert",
             self.model,
-            {"preset": self.cfg.expert.preset, **self.model.architecture},
+            self.model.architecture,
             epoch,
             index=self.index,
             stage="pretrain",
+            family=self.spec.family,
             num_features=self.model.num_features,
             split_hash=self.data.split.hash,
             train_indices=torch.as_tensor(self.train_indices),
@@ -213,7 +255,8 @@ class ExpertRecipe:
         self.report.add({"phase": "test", "epoch": best["epoch"], **test, "elapsed_s": round(seconds, 2)})
         results = {
             "index": self.index,
-            "preset": self.cfg.expert.preset,
+            "preset": self.spec.label,
+            "family": self.spec.family,
             "best_epoch": best["epoch"],
             "best_val_accuracy": best["val_accuracy"],
             "test_accuracy": test["accuracy"],

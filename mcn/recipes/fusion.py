@@ -31,11 +31,12 @@ from omegaconf import DictConfig
 from mcn import distributed
 from mcn.baselines import calibration, expert_baselines, reliability
 from mcn.cli import log
-from mcn.config import absolute_paths, require_positive, resolved
+from mcn.config import absolute_paths, expert_specs, require_positive, resolved
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files import (
     FusionRunFiles,
+    clean_state_dict,
     extract_state_dict,
     load_checkpoint,
     load_file,
@@ -46,7 +47,7 @@ from mcn.files import (
     write_json,
 )
 from mcn.loop import UNDEFINED, Distillation, EpochLoop, Objective, head_metrics, predict
-from mcn.models import MCN, ExpertStack, create_expert, create_fusion, list_fusions
+from mcn.models import MCN, ExpertStack, create_fusion, fusion_width, list_fusions
 from mcn.optim import input_width_lrs, schedule_from_config
 from mcn.recipes.expert import check_pretrained_expert
 from mcn.reports import CsvReport
@@ -55,8 +56,9 @@ from mcn.tracking import RunTracker
 
 
 def fusion_arguments(fusion_cfg: DictConfig) -> dict:
-    """The fusion module's constructor arguments: everything in `fusion/*.yaml` but its name."""
-    return {k: v for k, v in resolved(fusion_cfg).items() if k != "name"}
+    """The fusion module's constructor arguments: everything in `fusion/*.yaml` but its name and `width` (its
+    `input_dim`, which depends on the experts)."""
+    return {k: v for k, v in resolved(fusion_cfg).items() if k not in ("name", "width")}
 
 
 def experts_of(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +96,7 @@ class FusionRecipe:
             "%s: %d experts (%s, %d features), %s; %d train / %d val / %d test images; %s",
             self.fusion_type,
             self.model.num_experts,
-            cfg.expert.preset,
+            " + ".join(dict.fromkeys(s.label for s in self.expert_specs)),
             self.model.num_features,
             self.model.parameter_counts(),
             len(self.train_batches.labels),
@@ -130,8 +132,11 @@ class FusionRecipe:
                 )
 
     def _setup_model(self) -> None:
+        """Expert i of `expert_specs` (its pretrained weights when experts.dir is set), the fusion at `fusion.width`
+        (default: the experts' widest), an adapter for each expert of another width, the global head."""
         cfg, classes, channels = self.cfg, self.data.train.num_classes, self.data.train.in_channels
-        experts = [create_expert(cfg.expert.preset, classes, channels) for _ in range(cfg.experts.num)]
+        self.expert_specs = expert_specs(cfg)
+        experts = [spec.build(classes, channels) for spec in self.expert_specs]
         self.expert_sources = [self._load_pretrained(e, i) for i, e in enumerate(experts)]
         unverified = [s["path"] for s in self.expert_sources if s["path"] and "split_hash" not in s]
         if unverified:
@@ -141,36 +146,44 @@ class FusionRecipe:
                 len(unverified),
                 ", ".join(unverified),
             )
+        width = fusion_width([e.num_features for e in experts], cfg.fusion.get("width"))
         fusion = create_fusion(
-            self.fusion_type,
-            num_experts=len(experts),
-            input_dim=experts[0].num_features,
-            **fusion_arguments(cfg.fusion),
+            self.fusion_type, num_experts=len(experts), input_dim=width, **fusion_arguments(cfg.fusion)
         )
         self.model = MCN(
             experts,
             fusion,
             classes,
+            width,
             ensemble_start=cfg.model.ensemble_start,
             expert_dropout=float(cfg.model.expert_dropout),
         )
         # the pretrained experts as they came in, frozen: the teacher of ensemble distillation
         self.teacher = ExpertStack(copy.deepcopy(experts)).requires_grad_(False) if cfg.loss.distill_weight else None
         self.forward = self.runtime.prepare(self.model)
+        log.info(
+            "experts %s -> fusion width %d (adapters: %s)",
+            ", ".join(f"{s.label} ({d})" for s, d in zip(self.expert_specs, self.model.expert_widths)),
+            width,
+            ", ".join(
+                "identity" if isinstance(a, torch.nn.Identity) else f"Linear({a.in_features}, {a.out_features})"
+                for a in self.model.adapters
+            ),
+        )
 
     def _load_pretrained(self, expert: torch.nn.Module, index: int) -> dict:
         """Expert `index`'s pretrained weights (none when experts.dir is null); where they came from."""
-        cfg = self.cfg
+        cfg, label = self.cfg, self.expert_specs[index].label
         if cfg.experts.dir is None:
             return {"path": None}
         path = pretrained_expert_path(cfg.experts.dir, cfg.experts.filename, index)
         obj = load_file(path)
         info = {"path": str(path)}
         if isinstance(obj, dict) and "format" in obj:  # one of ours: check what it claims
-            architecture = {"preset": cfg.expert.preset, **expert.architecture}
-            ckpt = check_pretrained_expert(obj, path, index, architecture, cfg.data.name, self.data.split)
+            ckpt = check_pretrained_expert(obj, path, index, expert.architecture, cfg.data.name, self.data.split)
             info.update(epoch=ckpt["epoch"], metrics=ckpt.get("metrics", {}), split_hash=ckpt.get("split_hash"))
-        load_weights(expert, extract_state_dict(obj, path), path, f"expert {index} ({cfg.expert.preset})")
+        # a bare state dict (other code's) is taken when it fits this expert
+        load_weights(expert, extract_state_dict(obj, path), path, f"expert {index} ({label})")
         return info
 
     def _setup_learning_rates(self) -> None:
@@ -272,7 +285,7 @@ class FusionRecipe:
     def architectures(self) -> dict:
         m = self.model
         return {
-            "experts": [{"preset": self.cfg.expert.preset, **e.architecture} for e in m.experts],
+            "experts": [e.architecture for e in m.experts],
             "fusion": {
                 "name": self.fusion_type,
                 "num_experts": m.num_experts,
@@ -304,9 +317,20 @@ class FusionRecipe:
         common = {"fusion_type": self.fusion_type, "metrics": val, "config": self.config}
         for i, expert in enumerate(self.model.experts):
             save_torch(
-                make_checkpoint("expert", expert, arch["experts"][i], epoch, index=i, **common), files.expert(i, epoch)
+                make_checkpoint(
+                    "expert", expert, arch["experts"][i], epoch, index=i, family=self.expert_specs[i].family, **common
+                ),
+                files.expert(i, epoch),
             )
-        save_torch(make_checkpoint("fusion", self.model.fusion, arch["fusion"], epoch, **common), files.fusion(epoch))
+        # the adapters train with the fusion module and travel with it: its file holds their weights
+        fusion_extras = {
+            "expert_widths": self.model.expert_widths,
+            "adapters": clean_state_dict(self.model.adapters.state_dict()),
+        }
+        save_torch(
+            make_checkpoint("fusion", self.model.fusion, arch["fusion"], epoch, **fusion_extras, **common),
+            files.fusion(epoch),
+        )
         save_torch(
             make_checkpoint("global_head", self.model.global_head, arch["global_head"], epoch, **common),
             files.global_head(epoch),

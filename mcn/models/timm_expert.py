@@ -1,0 +1,78 @@
+"""Any backbone of timm (PyTorch Image Models) as an expert, by name: `expert=timm expert.name=resnet18`.
+
+Built from scratch by default. Pretrained weights are read from a local file only (nothing is downloaded):
+`expert.pretrained=true` with the model's weights at `expert.pretrained_file`; timm fits them to the data's
+channels and drops their classifier when the class count differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mcn.errors import CheckpointError, ConfigError
+from mcn.models.registry import register_expert
+
+
+def _weights_page(name: str) -> str:
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    return f"https://huggingface.co/{hub} (model.safetensors)" if hub else f"timm's page for {name}"
+
+
+class TimmExpert(nn.Module):
+    """A timm model behind the uniform interface of `mcn.models.registry`: the features are timm's pre-logits
+    (pooled, [B, d]), the head its classifier."""
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        in_channels: int,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+    ):
+        super().__init__()
+        import timm
+
+        if not name or not timm.is_model(name):
+            raise ConfigError(
+                f"unknown timm model {name!r}; set expert.name to one of timm.list_models() (e.g. resnet18)"
+            )
+        kwargs = dict(num_classes=num_classes, in_chans=in_channels)
+        if pretrained:
+            if not pretrained_file or not Path(pretrained_file).is_file():
+                raise ConfigError(
+                    f"expert.pretrained=true but timm model {name}'s weights are not at "
+                    f"expert.pretrained_file={pretrained_file}; nothing is downloaded here: put the file from "
+                    f"{_weights_page(name)} there, or set expert.pretrained=false"
+                )
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
+        try:
+            self.model = timm.create_model(name, **kwargs)
+        except RuntimeError as e:  # a weights file of another model
+            raise CheckpointError(
+                f"{pretrained_file} does not hold weights of timm model {name}: {str(e).splitlines()[0]}"
+            ) from None
+        self.architecture = dict(name=name, num_classes=num_classes, in_channels=in_channels)
+        self.num_features = getattr(self.model, "head_hidden_size", None) or self.model.num_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.get_classifier()(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_expert("timm", family="timm")
+def timm_expert(
+    num_classes: int, in_channels: int, name: str = "", pretrained: bool = False, pretrained_file: str | None = None
+) -> TimmExpert:
+    return TimmExpert(name, num_classes, in_channels, pretrained, pretrained_file)
