@@ -76,15 +76,15 @@ class Sweep:
             raise MCNError(f"sweep folder {folder} does not exist")
         try:
             manifest = json.loads(files.manifest.read_text())
-        except (OSError, ValueError):
-            manifest = None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            if manifest["format"] != FORMAT:
+                raise ValueError(manifest["format"])
+            jobs = [SweepJob(**job) for job in manifest["jobs"]]
+            return cls(files.root, manifest["launcher"], manifest["cwd"], manifest["logs"], jobs)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise MCNError(
                 f"{folder} is not a sweep folder ({files.manifest.name} missing or unreadable); point at the folder a "
                 f"-m sweep printed, e.g. outputs/multirun/2026-11-27/10-00-00"
-            )
-        jobs = [SweepJob(**job) for job in manifest["jobs"]]
-        return cls(files.root, manifest["launcher"], manifest["cwd"], manifest["logs"], jobs)
+            ) from e
 
     @classmethod
     def create_or_open(cls, folder: Path, launcher: str, logs: str) -> Sweep:
@@ -224,7 +224,8 @@ def look(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[JobView
         run = read_status(sweep.root / job.folder / "run_status.json") or {}
         state = (slurm or {}).get(job.job_id) if job.job_id else "UNSUBMITTED"
         if state is None or (state not in LIVE and run.get("state") == "done"):  # the run folder says
-            ended = sweep.job_file(job.job_id, "result.pkl").exists()  # a job that failed before its run started
+            # submitit's result file without a run status: the job failed before its run started
+            ended = job.job_id is not None and sweep.job_file(job.job_id, "result.pkl").exists()
             state = FROM_RUN_STATE.get(run.get("state"), "FAILED" if ended else "PENDING")
         error = None
         if state not in LIVE and run.get("state") != "done":

@@ -45,6 +45,8 @@ ConfigStore.instance().store(group="hydra/launcher", name="mcn_slurm", node=MCNS
 
 
 class _SweepLauncher(BaseSubmititLauncher):
+    """What both launchers share: the manifest, skipping finished jobs, submitting in arrays, waiting."""
+
     def skip(self, view: JobView) -> bool:
         """A relaunch skips the jobs whose run is done (a local sweep's jobs run nowhere else)."""
         return view.done
