@@ -10,7 +10,7 @@ from mcn.errors import ConfigError
 from mcn.models import ExpertSpec
 
 # keys that may differ between a run and its resumption without changing what is computed
-RESUME_IGNORES = ("trainer.resume", "trainer.progress_bar", "logger.mode")
+RESUME_IGNORES = ("trainer.resume", "trainer.progress_bar", "logger.mode", "sweep.name")
 
 
 def require_positive(cfg: DictConfig, *keys: str) -> None:

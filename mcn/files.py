@@ -188,6 +188,21 @@ class ExpertRunFiles:
         return self.root / "run_status.json"
 
 
+@dataclass(frozen=True)
+class SweepFiles:
+    """A -m sweep's own files, beside its job folders: what `mcn.sweep` reads (status, retry, cancel)."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:  # every job: number, overrides, folder, Slurm job ids
+        return self.root / "sweep.json"
+
+    @property
+    def launcher(self) -> Path:  # the launcher that submitted it (Slurm request, Hydra context): retry reuses it
+        return self.root / ".submitit" / "launcher.pkl"
+
+
 def pretrained_expert_path(experts_dir: str | Path, filename: str, index: int) -> Path:
     return Path(experts_dir) / filename.format(index=index)
 

@@ -1,61 +1,178 @@
-"""submitit's Hydra launchers, subclassed so that a sweep that cannot run says why in one line.
+"""submitit's Hydra launchers, subclassed so that a Slurm sweep is submitted and left to run, can be followed,
+retried and relaunched in place (mcn.sweep), and says why in one line when it cannot run.
 
+- Slurm: the jobs go out as arrays no larger than the cluster's MaxArraySize, the command prints the array
+  ids, the sweep folder and the `python -m mcn.sweep` commands and returns; hydra.launcher.wait=true waits
+  for the jobs instead (submitit's behaviour). The local launcher always waits.
+- Every sweep keeps a manifest in its folder (mcn.sweep.Sweep). Launching into a sweep folder that has one
+  (the same sweep.name, or hydra.sweep.dir) skips the jobs whose run is done and, on Slurm, those still
+  queued or running; the others start again in their own folders, where they resume from train_state.pth.
 - no `sbatch` on the PATH: name `hydra/launcher=local` instead of a traceback;
 - sbatch refuses the request (impossible resources, unknown partition): sbatch's own message;
-- a job fails: one line per failed job (its overrides and error), then exit status 2 (bad input) or 1.
-Requeue on preemption / time-out and the rest are submitit's; resuming is the recipes' (train_state.pth).
+- a job fails (while waiting): one line per failed job (its overrides and error), then exit status 2 (bad
+  input) or 1.
+Requeue on preemption / time-out is Slurm's and submitit's; resuming is the recipes' (train_state.pth).
 """
 
-from __future__ import annotations
-
+import logging
+import os
 import shutil
 import sys
-from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
-from hydra.core.utils import JobStatus
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobStatus, filter_overrides
+from omegaconf import OmegaConf, open_dict
 
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from mcn.cli import fail as _fail
 from mcn.errors import MCNError
+from mcn.sweep import JobView, Sweep, last_error_line, look, max_array_size, submitted_message
+
+log = logging.getLogger(__name__)
 
 
-def _last_error_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line.split(":")[0] or line.startswith("sbatch: error")]
-    return (errors or lines or ["(no message)"])[-1]
+@dataclass
+class MCNSlurmQueueConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.mcn_launcher.launcher.MCNSlurmLauncher"
+    wait: bool = False  # true: stay in the foreground until every job ended
 
 
-def _launch_with_clear_errors(launcher, job_overrides, initial_job_idx) -> Sequence[Any]:
-    from submitit.core.utils import FailedJobError, UncompletedJobError
+ConfigStore.instance().store(group="hydra/launcher", name="mcn_slurm", node=MCNSlurmQueueConf, provider="mcn")
 
-    try:
-        returns = launcher._launch(job_overrides, initial_job_idx)
-    except FailedJobError as e:
-        text = str(e)
-        if "sbatch" in text and "submission failed" in text.lower():
-            _fail(
-                f"Slurm refused the sweep: {_last_error_line(text)}; adjust hydra.launcher.* (partition, mem_gb, "
-                f"cpus_per_task, gpus_per_node, timeout_min)"
-            )
-        _fail(f"a sweep job failed: {_last_error_line(text)} (job logs: {launcher.config.hydra.sweep.dir}/.submitit/)")
-    except UncompletedJobError as e:
-        _fail(
-            f"a sweep job ended without a result: {_last_error_line(str(e))} "
-            f"(job logs: {launcher.config.hydra.sweep.dir}/.submitit/)"
+
+class _SweepLauncher(BaseSubmititLauncher):
+    """What both launchers share: the manifest, skipping finished jobs, submitting in arrays, waiting."""
+
+    def skip(self, view: JobView) -> bool:
+        """A relaunch skips the jobs whose run is done (a local sweep's jobs run nowhere else)."""
+        return view.done
+
+    def job_folder(self, num: int, overrides: list[str]) -> str:
+        """The job's run folder under the sweep folder, composed as the job will compose it."""
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config.hydra.job):
+            config.hydra.job.num = num
+        return str(config.hydra.sweep.subdir)
+
+    def executor(self):
+        """submitit's executor with the launcher's request (as hydra-submitit-launcher builds it)."""
+        import submitit
+
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        init = {"folder": self.params["submitit_folder"]}
+        if "max_num_timeout" in self.params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = self.params["max_num_timeout"]
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{k if k in shared else f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k not in init_keys}
         )
-    # Hydra hands a job's exception back inside its JobReturn; the sweep would re-raise it with a traceback
-    failed = [(i, r) for i, r in enumerate(returns, initial_job_idx) if r.status == JobStatus.FAILED]
-    for i, r in failed:
-        error = r._return_value
-        print(f"mcn: error: sweep job #{i} ({' '.join(r.overrides)}): {type(error).__name__}: {error}", file=sys.stderr)
-    if failed:
-        raise SystemExit(2 if all(isinstance(r._return_value, MCNError) for _, r in failed) else 1)
-    return returns
+        return executor
+
+    def array_size(self) -> int | None:
+        return None
+
+    def submit(self, sweep, jobs: list, singletons: dict) -> list:
+        """Submit `jobs` (mcn.sweep.SweepJob) in arrays of at most `array_size()`; their job ids go to the
+        manifest as each array is accepted."""
+        from submitit.core.utils import FailedJobError
+
+        executor, size, submitted = self.executor(), self.array_size() or len(jobs), []
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start : start + size]
+            args = [(j.overrides, "hydra.sweep.dir", j.num, f"job_id_for_{j.num}", singletons) for j in chunk]
+            try:
+                arrays = executor.map_array(self, *zip(*args))
+            except FailedJobError as e:
+                sweep.save()
+                refused = f"Slurm refused the sweep: {last_error_line(str(e))}"
+                if not submitted:
+                    _fail(
+                        f"{refused}; adjust hydra.launcher.* (partition, mem_gb, cpus_per_task, gpus_per_node, "
+                        f"timeout_min)"
+                    )
+                _fail(
+                    f"{refused}, after {len(submitted)} of {len(jobs)} jobs; python -m mcn.sweep retry {sweep.root} "
+                    f"submits the rest"
+                )
+            for job, array_job in zip(chunk, arrays):
+                job.job_ids.append(array_job.job_id)
+            sweep.save()
+            submitted += arrays
+        return submitted
+
+    def launch(self, job_overrides, initial_job_idx):
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        sweep = Sweep.create_or_open(sweep_dir, self._EXECUTOR, self.params["submitit_folder"])
+        jobs = [
+            sweep.add(num, list(overrides), self.job_folder(num, list(overrides)))
+            for num, overrides in enumerate(job_overrides, initial_job_idx)
+        ]
+        views, _ = look(sweep, jobs)
+        skipped = [v for v in views if self.skip(v)]
+        todo = [v.job for v in views if not self.skip(v)]
+        for v in views:
+            note = f" ({v.state}: skipped)" if self.skip(v) else ""
+            log.info(f"\t#{v.job.num} : {' '.join(filter_overrides(v.job.overrides))}{note}")
+        sweep.save()
+        if not todo:
+            print(f"mcn: nothing to submit: every job of {sweep_dir} is done or still queued or running")
+            print(f"mcn: python -m mcn.sweep status {sweep_dir}")
+            return []
+        singletons = Singleton.get_state()
+        sweep.keep_launcher(self, singletons)
+        submitted = self.submit(sweep, todo, singletons)
+        return self.results(submitted, todo, skipped, sweep_dir)
+
+    def results(self, submitted: list, jobs: list, skipped: list[JobView], sweep_dir: Path) -> list:
+        """Wait for every job; a job that failed or ended without a result is one line, then the exit."""
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        try:
+            returns = [job.results()[0] for job in submitted]
+        except FailedJobError as e:
+            _fail(f"a sweep job failed: {last_error_line(str(e))} (job logs: {sweep_dir}/.submitit/)")
+        except UncompletedJobError as e:
+            _fail(f"a sweep job ended without a result: {last_error_line(str(e))} (job logs: {sweep_dir}/.submitit/)")
+        # Hydra hands a job's exception back inside its JobReturn; the sweep would re-raise it with a traceback
+        failed = [(job, r) for job, r in zip(jobs, returns) if r.status == JobStatus.FAILED]
+        for job, r in failed:
+            error = r._return_value
+            print(
+                f"mcn: error: sweep job #{job.num} ({' '.join(r.overrides)}): {type(error).__name__}: {error}",
+                file=sys.stderr,
+            )
+        if failed:
+            raise SystemExit(2 if all(isinstance(r._return_value, MCNError) for _, r in failed) else 1)
+        return returns
 
 
-class MCNSlurmLauncher(SlurmLauncher):
-    _launch = SlurmLauncher.launch
+class MCNSlurmLauncher(_SweepLauncher):
+    _EXECUTOR = "slurm"
+
+    def __init__(self, wait: bool = False, **params) -> None:
+        super().__init__(**params)
+        self.wait = wait  # a hydra.launcher key of ours, not an sbatch parameter
+
+    def skip(self, view: JobView) -> bool:
+        """Done, or still queued or running."""
+        return not view.needs_submit
+
+    def array_size(self) -> int | None:
+        return max_array_size()
+
+    def results(self, submitted: list, jobs: list, skipped: list[JobView], sweep_dir: Path) -> list:
+        """Say what was submitted and how to follow it; wait only with hydra.launcher.wait=true."""
+        print(submitted_message(sweep_dir, [j.job_id for j in submitted], skipped), flush=True)
+        return super().results(submitted, jobs, skipped, sweep_dir) if self.wait else []
 
     def launch(self, job_overrides, initial_job_idx):
         if shutil.which("sbatch") is None:
@@ -63,11 +180,8 @@ class MCNSlurmLauncher(SlurmLauncher):
                 "no `sbatch` on the PATH, so this machine cannot submit to Slurm; "
                 "add hydra/launcher=local to run the sweep here (or experiment=quickstart)"
             )
-        return _launch_with_clear_errors(self, job_overrides, initial_job_idx)
+        return super().launch(job_overrides, initial_job_idx)
 
 
-class MCNLocalLauncher(LocalLauncher):
-    _launch = LocalLauncher.launch
-
-    def launch(self, job_overrides, initial_job_idx):
-        return _launch_with_clear_errors(self, job_overrides, initial_job_idx)
+class MCNLocalLauncher(_SweepLauncher):
+    _EXECUTOR = "local"
