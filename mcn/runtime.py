@@ -74,13 +74,14 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, *, frozen: bool = False) -> torch.nn.Module:
         """Move to the device (channels_last if asked); returns the module to call: wrapped in
-        DistributedDataParallel when the job has several processes, compiled if asked."""
+        DistributedDataParallel when the job has several processes (unless `frozen`: nothing to synchronise),
+        compiled if asked."""
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.dist.enabled:
+        if self.dist.enabled and not frozen:
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(

@@ -183,3 +183,22 @@ def test_delayed_cosine_starts_a_group_at_its_step():
     assert base[:4] == [0.0] * 4 and base[4] == 1.0 and head[0] == 1.0
     assert base[7] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(3 / 6 * torch.pi)).item()))  # its own cosine
     assert base[4:] == sorted(base[4:], reverse=True)
+
+
+def test_every_option_at_once_on_the_bf16_channels_last_path(tmp_path, experts_dir):
+    every = ["trainer.freeze_experts_epochs=1", "model.ensemble_start=true", "model.expert_dropout=0.25",
+             "loss.distill_weight=0.1", "augment.cutmix=1.0", "augment.label_smoothing=0.1"]  # fmt: skip
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            *every,
+            f"experts.dir={experts_dir}",
+            "trainer.epochs=2",
+            "trainer.precision=bf16",
+            "trainer.channels_last=true",
+        ],  # fmt: skip
+    )
+    results = run(cfg, str(tmp_path / "job"))
+    assert "bf16=True channels_last=True" in results["runtime"] and results["epochs_run"] == 2
+    again = components.evaluate_model(components.load_complete(tmp_path / "job"), tmp_path / "job")
+    assert again["global_accuracy"] == results["test_accuracy"]

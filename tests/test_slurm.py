@@ -404,3 +404,30 @@ def test_two_task_job_trains_with_gloo_and_one_process_writes(tmp_path):
     assert json.loads((job / "fusion_training_results_multiplicative.json").read_text())["runtime"].endswith(
         "processes=2"
     )
+
+
+EVERY_OPTION = ["trainer.freeze_experts_epochs=1", "model.ensemble_start=true", "model.expert_dropout=0.25",
+                "loss.distill_weight=0.1", "augment.cutmix=1.0", "augment.label_smoothing=0.1"]  # fmt: skip
+
+
+def test_every_training_option_trains_in_a_two_task_job(tmp_path):
+    """Distributed training (gloo) with every fusion option at once: the frozen teacher stays out of DDP, expert
+    dropout and CutMix draw per process, the frozen experts' gradients are synchronised at rate 0."""
+    proc = sweep(
+        [
+            "fusion=TransformerBase",
+            *SLURM,
+            "trainer.epochs=2",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.wait=true",
+            *EVERY_OPTION,
+        ],  # fmt: skip
+        tmp_path,
+    )
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    job = next(tmp_path.glob("outputs/multirun/*/*/0_*"))
+    results = json.loads((job / "fusion_training_results_TransformerBase.json").read_text())
+    assert results["runtime"].endswith("processes=2") and results["epochs_run"] == 2
+    rates = [float(r["base_lr"]) for r in report_rows(job, "TransformerBase") if r["phase"] == "train"]
+    assert rates[0] == 0.0 and rates[1] > 0  # frozen in epoch 1, joint in epoch 2

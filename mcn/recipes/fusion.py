@@ -236,7 +236,7 @@ class FusionRecipe:
         loss, rt = self.cfg.loss, self.runtime
         distillation = None
         if self.teacher is not None:
-            teacher = rt.prepare(self.teacher).eval()
+            teacher = rt.prepare(self.teacher, frozen=True).eval()
             distillation = Distillation(teacher, float(loss.distill_weight), float(loss.distill_temperature), rt)
         self.objective = Objective.dual_path(
             self.model.num_experts,
