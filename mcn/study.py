@@ -51,12 +51,13 @@ GROUP_IGNORES = (
 )
 # the fusion's own per-run metric columns; each one a study's rows hold gets mean ± std per group
 FUSION_METRICS = ("test_accuracy", "test_nll", "test_ece", "val_accuracy", "corruption_accuracy", "ood_auroc")
-# what each fusion is paired with (test accuracy): the experts' logit average and the expert chosen on val,
-# first for the experts as pretrained ("what the same experts give for free"), then after joint training
+# what each fusion is paired with (test accuracy): the experts' logit average, a stacker fitted on their frozen
+# logits and the expert chosen on val, first for the experts as pretrained ("what the same experts give for
+# free"), then after joint training
 REFERENCES = tuple(
     baseline_column(experts, baseline, "accuracy")
     for experts in EXPERT_SETS
-    for baseline in ("logit_average", "best_single_expert")
+    for baseline in ("logit_average", "stacking", "best_single_expert")
 )
 # every method of a run with its calibration columns: the fusion, then each baseline of each expert set
 METHODS = {"fusion": {m: f"test_{m}" for m in CALIBRATION_METRICS}} | {
