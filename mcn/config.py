@@ -11,6 +11,20 @@ from mcn.models import ExpertSpec
 
 # keys that may differ between a run and its resumption without changing what is computed
 RESUME_IGNORES = ("trainer.resume", "trainer.progress_bar", "logger.mode", "sweep.name")
+# keys in which runs may differ and still be replicates of one study group (mcn.study): the seed, and what only
+# says where files live, how a run is shown or how it was orchestrated
+REPLICATE_IGNORES = (
+    *RESUME_IGNORES,
+    "seed",
+    "paths",
+    "experts.dir",
+    "logger",
+    "pipeline",
+    "sweep",
+    "trainer.num_threads",
+    "split.force",
+    "data.download",
+)
 
 
 def require_positive(cfg: DictConfig, *keys: str) -> None:

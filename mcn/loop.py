@@ -164,8 +164,10 @@ def train_epoch(
         loss = objective.loss(logits, targets, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if grad_clip:  # over the parameters that learn now (frozen experts, at rate 0, would shrink the others)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups if g["lr"] > 0 for p in g["params"]], grad_clip
+            )
         optimizer.step()
         scheduler.step()
         metrics.update(logits, y, loss)

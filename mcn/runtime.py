@@ -98,6 +98,13 @@ class Runtime:
         )
 
 
+def stream_seeds(seed: int, *job: int, streams: int) -> list[int]:
+    """Independent seeds for a job's random streams (initialisation, batch order, augmentation), derived from
+    the run's `seed` and what identifies the job (stage, expert index): expert i of seed s never shares a stream
+    with expert i+1 of seed s-1, as `seed + i` would make it."""
+    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence([seed, *job]).spawn(streams)]
+
+
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)

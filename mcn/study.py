@@ -2,7 +2,7 @@
 confidence interval of every metric, and the seed-paired difference to the same runs' baselines, with a verdict.
 
 Groups. Two finished runs (rows of `mcn.reports.collect_runs`) are in one group when they have the same fusion
-type and their resolved configs agree on every key except `seed`, the keys in `GROUP_IGNORES` (where files
+type and their resolved configs agree on every key except `seed`, the keys in `REPLICATE_IGNORES` (where files
 live, how a run is shown, orchestration: nothing that changes what is computed) and the keys passed as `vary`
 (e.g. `split.seed`, to pool several splits as replicates too). A group that shares its fusion type with
 another is labelled by the keys in which they differ.
@@ -32,23 +32,11 @@ import numpy as np
 from scipy import stats
 
 from mcn.baselines import BASELINES, CALIBRATION_METRICS
+from mcn.config import REPLICATE_IGNORES
 from mcn.files import write_csv, write_text
 from mcn.reports import EXPERT_SETS, baseline_column, latex_table, markdown_table
 
 CONFIDENCE = 0.95
-# config keys that do not change what a run computes: where files live, how the run is shown, orchestration
-GROUP_IGNORES = (
-    "seed",
-    "paths",
-    "experts.dir",
-    "logger",
-    "pipeline",
-    "trainer.resume",
-    "trainer.progress_bar",
-    "trainer.num_threads",
-    "split.force",
-    "data.download",
-)
 # the fusion's own per-run metric columns; each one a study's rows hold gets mean ± std per group
 FUSION_METRICS = ("test_accuracy", "test_nll", "test_ece", "val_accuracy", "corruption_accuracy", "ood_auroc")
 # what each fusion is paired with (test accuracy): the experts' logit average, a stacker fitted on their frozen
@@ -157,7 +145,7 @@ def _identity(config: dict | None, vary: Sequence[str]) -> dict | None:
     """The config leaves (dotted keys) that make a run what it is: all but the seed, ignored and varied keys."""
     if config is None:
         return None
-    skipped = (*GROUP_IGNORES, *vary)
+    skipped = (*REPLICATE_IGNORES, *vary)
     return {k: v for k, v in _leaves(config) if not any(k == s or k.startswith(s + ".") for s in skipped)}
 
 

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mcn.errors import CheckpointError, ConfigError
-from mcn.files import load_checkpoint
+from mcn.files import load_checkpoint, read_csv
 from mcn.models import create_expert
 from mcn.pipeline import run_pipeline
 from mcn.recipes import run_recipe
@@ -165,3 +165,7 @@ def test_pipeline_over_seeds_gives_each_seed_its_own_experts_and_runs(tmp_path):
     assert not all(torch.equal(one["state_dict"][k], two["state_dict"][k]) for k in one["state_dict"])
     for run_folder, folder in zip(sorted(results), folders):  # each run started from its own seed's experts
         assert all(path.startswith(str(folder)) for path in results[run_folder]["experts_from"])
+    study = read_csv(tmp_path / "pipe" / "summary_study.csv")  # the two seeds are replicates of one group
+    accuracy = [r for r in study if r["quantity"] == "test_accuracy"]
+    assert [(r["group"], r["n"]) for r in accuracy] == [("multiplicative", "2")]
+    assert float(accuracy[0]["mean"]) == pytest.approx(sum(r["test_accuracy"] for r in results.values()) / 2)

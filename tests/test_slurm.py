@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from mcn.recipes import run_recipe
+from mcn.recipes.expert import ExpertRecipe
 from mcn.train import run
 
 from conftest import ROOT, compose_cfg
@@ -413,6 +415,11 @@ EVERY_OPTION = ["trainer.freeze_experts_epochs=1", "model.ensemble_start=true", 
 def test_every_training_option_trains_in_a_two_task_job(tmp_path):
     """Distributed training (gloo) with every fusion option at once: the frozen teacher stays out of DDP, expert
     dropout and CutMix draw per process, the frozen experts' gradients are synchronised at rate 0."""
+    for i in range(4):  # pretrained experts, for the distillation teacher
+        run_recipe(
+            ExpertRecipe(compose_cfg(tmp_path, ["pretrain.epochs=1", f"pretrain.index={i}"]), tmp_path / f"e{i}")
+        )
+    experts = next(tmp_path.glob("outputs/experts/*"))
     proc = sweep(
         [
             "fusion=TransformerBase",
@@ -420,8 +427,9 @@ def test_every_training_option_trains_in_a_two_task_job(tmp_path):
             "trainer.epochs=2",
             "hydra.launcher.tasks_per_node=2",
             "hydra.launcher.wait=true",
+            f"experts.dir={experts}",
             *EVERY_OPTION,
-        ],  # fmt: skip
+        ],
         tmp_path,
     )
     out, _ = proc.communicate(timeout=600)

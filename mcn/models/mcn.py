@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mcn.errors import ConfigError
@@ -46,8 +47,9 @@ def drop_experts(features: torch.Tensor, p: float) -> torch.Tensor:
     fusion type (zeros would wipe out a product fusion)."""
     b, k, _ = features.shape
     keep = torch.rand(b, k, device=features.device) >= p
-    none_kept = ~keep.any(dim=1)
-    keep[none_kept, torch.randint(0, k, (int(none_kept.sum()),), device=features.device)] = True
+    # a sample that lost every expert gets one back at random (no host sync: the graph stays static)
+    rescue = F.one_hot(torch.randint(0, k, (b,), device=features.device), k).bool()
+    keep = keep | (rescue & ~keep.any(dim=1, keepdim=True))
     weights = keep.unsqueeze(-1).to(features.dtype)
     mean = (features * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
     return torch.where(keep.unsqueeze(-1), features, mean)

@@ -36,7 +36,7 @@ from mcn.loop import EpochLoop, Objective, evaluate
 from mcn.models import ExpertSpec
 from mcn.optim import optimizer_from_config, schedule_from_config
 from mcn.reports import CsvReport
-from mcn.runtime import Runtime, seed_everything
+from mcn.runtime import Runtime, seed_everything, stream_seeds
 from mcn.tracking import RunTracker
 
 
@@ -111,6 +111,9 @@ def apply_family_recipe(cfg: DictConfig, family: str) -> None:
         cfg.pretrain.batch_size = cfg.trainer.batch_size
 
 
+EXPERT_STAGE = 1  # what tells the expert stage's random streams from the fusion stage's (stream_seeds)
+
+
 class ExpertRecipe:
     monitor = "accuracy"
     lr_keys = {"lr": "pretrain.optim.lr"}
@@ -126,14 +129,13 @@ class ExpertRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self._check_config()
-        seed_everything(cfg.seed + self.index, deterministic=cfg.trainer.deterministic)
+        init_seed, self.batch_seed, augment_seed = stream_seeds(cfg.seed, EXPERT_STAGE, self.index, streams=3)
+        seed_everything(init_seed, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
         self.data = prepare_data(cfg)
         self.model = self.spec.build(self.data.train.num_classes, self.data.train.in_channels)
         self.forward = self.runtime.prepare(self.model)
-        self.augmentation = training_augmentation(
-            cfg.pretrain.augment, self.data.train.num_classes, cfg.seed + self.index
-        )
+        self.augmentation = training_augmentation(cfg.pretrain.augment, self.data.train.num_classes, augment_seed)
         self._setup_batches()
         self._setup_optimizer()
         self.objective = Objective.single(self.runtime.device, make_targets=self.augmentation.make_targets)
@@ -182,7 +184,7 @@ class ExpertRecipe:
             cfg,
             self.runtime,
             train=True,
-            seed=cfg.seed + i,
+            seed=self.batch_seed,
             batch_size=batch,
             **self.augmentation.batch_extras,
         )

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from mcn import distributed
 from mcn.baselines import calibration, expert_baselines, reliability
 from mcn.cli import log
-from mcn.config import absolute_paths, expert_specs, require_positive, resolved
+from mcn.config import absolute_paths, expert_specs, require_fraction, require_positive, resolved
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files import (
@@ -51,7 +51,7 @@ from mcn.models import MCN, ExpertStack, create_fusion, fusion_width, list_fusio
 from mcn.optim import input_width_lrs, schedule_from_config
 from mcn.recipes.expert import check_pretrained_expert
 from mcn.reports import CsvReport
-from mcn.runtime import Runtime, seed_everything
+from mcn.runtime import Runtime, seed_everything, stream_seeds
 from mcn.tracking import RunTracker
 
 
@@ -65,6 +65,9 @@ def experts_of(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
     """The experts' logits [K, N, C] (without the global head's) and the labels, from `predict`."""
     logits, labels = part
     return logits[1:], labels
+
+
+FUSION_STAGE = 0  # what tells the fusion stage's random streams from the expert stage's (stream_seeds)
 
 
 class FusionRecipe:
@@ -82,12 +85,13 @@ class FusionRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self._check_config()
-        seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
+        init_seed, self.batch_seed, augment_seed = stream_seeds(cfg.seed, FUSION_STAGE, streams=3)
+        seed_everything(init_seed, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
         self.data = prepare_data(cfg)
         self._setup_model()
         self._setup_learning_rates()
-        self.augmentation = training_augmentation(cfg.augment, self.data.train.num_classes, cfg.seed)
+        self.augmentation = training_augmentation(cfg.augment, self.data.train.num_classes, augment_seed)
         self._setup_batches()
         self._setup_optimizer()
         self._setup_objective()
@@ -116,6 +120,19 @@ class FusionRecipe:
             "optim.base_lr",
             "optim.head_lr",
         )
+        require_fraction(cfg, *(f"augment.{k}" for k in ("random_erasing", "cutmix", "label_smoothing")))
+        if not 0 <= cfg.trainer.freeze_experts_epochs < cfg.trainer.epochs:
+            raise ConfigError(
+                f"trainer.freeze_experts_epochs={cfg.trainer.freeze_experts_epochs} must lie in 0..trainer.epochs-1 "
+                f"({cfg.trainer.epochs - 1}): the experts must train at least one epoch"
+            )
+        if cfg.loss.distill_weight and cfg.experts.dir is None:
+            raise ConfigError(
+                f"loss.distill_weight={cfg.loss.distill_weight} distils from the pretrained experts, but experts.dir "
+                f"is null (experts from scratch); set experts.dir or loss.distill_weight=0"
+            )
+        if cfg.loss.distill_weight:
+            require_positive(cfg, "loss.distill_weight", "loss.distill_temperature")
         if self.fusion_type not in list_fusions():
             raise ConfigError(
                 f"unknown fusion type {self.fusion_type!r}; known: {', '.join(list_fusions())} "
@@ -208,7 +225,7 @@ class FusionRecipe:
             cfg,
             rt,
             train=True,
-            seed=cfg.seed,
+            seed=self.batch_seed,
             **self.augmentation.batch_extras,
         )
         self.val_batches = make_batches(data.part("fusion_val_indices"), data, cfg, rt, train=False)
