@@ -19,6 +19,7 @@ import numpy as np
 from mcn.baselines import expected_calibration_error
 from mcn.cli import ArgumentParser, one_line_errors
 from mcn.errors import MCNError
+from mcn.figures import pyplot, save_figure
 from mcn.files import FusionRunFiles, read_csv
 from mcn.reports import collect_runs, write_summary
 from mcn.study import Study, make_study, pooled_reliability, write_study
@@ -42,22 +43,13 @@ def _val_curve(row: dict) -> dict[int, float]:
     return {int(r["epoch"]): float(r["global_accuracy"]) for r in read_csv(report) if r["phase"] == "val"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _accuracy_figure(study: Study):
     groups = study.groups
     methods = [c for c in FIGURE_METHODS if any(g.values(c) for g in groups)]
     if not methods:
         return None
     width = 0.8 / len(methods)
-    fig, ax = _pyplot().subplots(figsize=(max(9, 4 + 0.3 * len(groups) * len(methods)), 5))
+    fig, ax = pyplot().subplots(figsize=(max(9, 4 + 0.3 * len(groups) * len(methods)), 5))
     for j, column in enumerate(methods):
         x = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
         for xi, g in zip(x, groups):  # every run, faint
@@ -82,7 +74,7 @@ def _val_figure(study: Study):
     unfinished = [(row, _val_curve(row)) for row in study.unfinished]
     if not any(curves for _, curves in groups) and not any(curve for _, curve in unfinished):
         return None
-    fig, ax = _pyplot().subplots(figsize=(10, 4.5))
+    fig, ax = pyplot().subplots(figsize=(10, 4.5))
     for j, (g, curves) in enumerate(groups):
         for c in curves:
             ax.plot(list(c), list(c.values()), color=f"C{j}", alpha=0.3, lw=0.8)
@@ -111,7 +103,7 @@ def _reliability_figure(study: Study):
     if not panels:
         return None
     cols, rows = min(3, len(panels)), math.ceil(len(panels) / min(3, len(panels)))
-    fig, axes = _pyplot().subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
     for ax, (g, curves) in zip(axes.flat, panels):
         ax.plot([0, 1], [0, 1], ls=":", color="grey")
         for (name, bins), colour in zip(curves.items(), ("C0", "C1")):
@@ -142,11 +134,7 @@ def plot(study: Study, prefix: Path) -> list[Path]:
         fig = draw(study)
         if fig is None:
             continue
-        path = prefix.with_name(prefix.name + suffix)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        _pyplot().close(fig)
-        written.append(path)
+        written.append(save_figure(fig, prefix.with_name(prefix.name + suffix)))
     return written
 
 

@@ -266,8 +266,13 @@ def move_earlier_run(root: Path) -> Path | None:
     )
     if not leftovers or not distributed.is_main():
         return None
-    target = root / EARLIER_RUNS / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = root / EARLIER_RUNS / stamp
+    for n in range(1, 1000):  # two restarts within one second
+        if not target.exists():
+            break
+        target = root / EARLIER_RUNS / f"{stamp}-{n}"
+    target.mkdir(parents=True)
     for path in leftovers:
         os.replace(path, target / path.name)
     return target
@@ -304,6 +309,10 @@ def _finite(value: Any) -> Any:
 
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> Path:
@@ -382,12 +391,15 @@ def load_checkpoint(path: str | Path, component: str | None = None) -> dict:
     return check_checkpoint(load_file(path), path, component)
 
 
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's, DistributedDataParallel's
+
+
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrappers' key prefixes (torch.compile's `_orig_mod.`, DDP's `module.`); tensors to CPU copies."""
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            key = key.replace(prefix, "")
+        while key.startswith(WRAPPER_PREFIXES):  # compile(DDP(model)) nests them
+            key = key.split(".", 1)[1]
         out[key] = value.detach().to("cpu", copy=True)
     return out
 

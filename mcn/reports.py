@@ -109,8 +109,9 @@ def collect_runs(root: str | Path) -> list[dict]:
 
     rows = []
     for run in find_fusion_runs(Path(root)):
-        if not run.results.exists():  # not finished: say where it stands, and why it stopped
-            status = read_status(run.status) or {}
+        status = read_status(run.status) or {}
+        # not finished (or training again since its results were written): where it stands, and why it stopped
+        if not run.results.exists() or status.get("state", "done") != "done":
             rows.append(
                 {
                     "fusion_type": run.fusion_type,

@@ -25,7 +25,6 @@ summary (`mcn.reports`).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -42,14 +41,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from mcn.cli import one_line_errors
+from mcn.cli import ArgumentParser, one_line_errors
 from mcn.components import load_complete
+from mcn.config import expert_specs
 from mcn.data.datasets import DATASETS, ImageSet, load_dataset
 from mcn.data.prepare import prepare_data
 from mcn.errors import CheckpointError, DataError, MCNError
+from mcn.figures import pyplot, save_figure
 from mcn.files import (
     FusionRunFiles,
-    atomic_write,
     extract_state_dict,
     find_fusion_runs,
     load_checkpoint,
@@ -246,32 +246,33 @@ def ood_sets(
 
 
 class Panel(nn.Module):
-    """Every model of a fusion run in one forward pass: logits [M, B, C], in `models()`' order."""
+    """Every model of a fusion run in one forward pass: logits [M, B, C], in `models()`' order. The logit
+    averages are there only with two experts or more (with one they are undefined)."""
 
-    def __init__(self, model: MCN, pretrained: list[nn.Module], preset: str, fusion_type: str):
+    def __init__(self, model: MCN, pretrained: list[nn.Module], expert_labels: list[str], fusion_type: str):
         super().__init__()
         self.model, self.pretrained = model, nn.ModuleList(pretrained)
-        self.preset, self.fusion_type = preset, fusion_type
+        self.expert_labels, self.fusion_type = expert_labels, fusion_type
+        self.averages = model.num_experts > 1
 
     def models(self) -> list[dict]:
-        k = self.model.num_experts
-        group = f"{k}x {self.preset}"
+        labels = self.expert_labels
+        group = f"{len(labels)}x {labels[0]}" if len(set(labels)) == 1 else " + ".join(labels)
         out = [{"model_type": "fusion", "model_architecture": f"{self.fusion_type} over {group}"}]
-        out += [{"model_type": "expert", "expert_id": i, "model_architecture": self.preset} for i in range(k)]
-        out += [{"model_type": "logit_average", "model_architecture": group}]
-        if len(self.pretrained):
+        for kind in ("", "pretrained_") if len(self.pretrained) else ("",):
             out += [
-                {"model_type": "pretrained_expert", "expert_id": i, "model_architecture": self.preset} for i in range(k)
+                {"model_type": f"{kind}expert", "expert_id": i, "model_architecture": label}
+                for i, label in enumerate(labels)
             ]
-            out += [{"model_type": "pretrained_logit_average", "model_architecture": group}]
+            out += [{"model_type": f"{kind}logit_average", "model_architecture": group}] if self.averages else []
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global_logits, expert_logits = self.model(x)
-        heads = [global_logits[None], expert_logits, expert_logits.float().mean(0, keepdim=True)]
-        if len(self.pretrained):
-            before = torch.stack([expert(x) for expert in self.pretrained])
-            heads += [before, before.float().mean(0, keepdim=True)]
+        sets = [expert_logits] + ([torch.stack([e(x) for e in self.pretrained])] if len(self.pretrained) else [])
+        heads = [global_logits[None]]
+        for logits in sets:
+            heads += [logits] + ([logits.float().mean(0, keepdim=True)] if self.averages else [])
         return torch.cat([h.float() for h in heads])
 
 
@@ -379,13 +380,14 @@ def _label(row: dict) -> str:
     return name if row.get("expert_id") in (None, "") else f"{name} {row['expert_id']}"
 
 
-# the run's own clean test accuracies, by model label: what the clean pass must reproduce
+# the run's own clean test accuracies, by model label: what the clean pass must reproduce (undefined ones, the
+# logit averages of one expert, are null in the JSON and not among the models)
 def _recorded(results: dict) -> dict[str, float]:
     out = {"fusion": results["test_accuracy"], "logit average": results["ensemble_test_accuracy"]}
     out |= {f"expert {i}": a for i, a in enumerate(results["expert_test_accuracy"])}
     out["pretrained logit average"] = results["initial_ensemble_test_accuracy"]
     out |= {f"pretrained expert {i}": a for i, a in enumerate(results["initial_expert_test_accuracy"])}
-    return out
+    return {label: accuracy for label, accuracy in out.items() if accuracy is not None}
 
 
 def check_against_record(rows: list[dict], results: dict, source: Path) -> list[str]:
@@ -415,7 +417,7 @@ def evaluate_run(run: FusionRunFiles, device: str | None = None, batch_size: int
     data = prepare_data(cfg)
     pretrained, skipped = _pretrained_experts(results, model)
     notes = [skipped] if skipped else []
-    panel = Panel(model, pretrained, cfg.expert.preset, run.fusion_type).eval()
+    panel = Panel(model, pretrained, [spec.label for spec in expert_specs(cfg)], run.fusion_type).eval()
     ood, skipped_sets = ood_sets(cfg.data.name, data.test, cfg.paths.data_dir, runtime.device)
     notes += skipped_sets
     models = panel.models()
@@ -534,20 +536,9 @@ def _style(model_type: str) -> dict:
     }[model_type]
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
 def plot_corruptions(rows: list[dict], path: Path) -> None:
     """Accuracy vs severity, one panel per corruption, the reference's noise, and the mean; one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [*CORRUPTIONS, "gaussian_noise_normalised", "mean over corruptions"]
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(13, 8.5), sharey=True)
@@ -572,17 +563,12 @@ def plot_corruptions(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("test accuracy")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower right", fontsize=8, ncol=2)
-    fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_ood(rows: list[dict], path: Path) -> None:
     """OOD AUROC per model, one panel per score, one bar per OOD set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = _models(rows)
     sets = list(dict.fromkeys(r["ood_dataset"] for r in rows if r["test_type"] == "ood"))
     fig, axes = plt.subplots(1, len(SCORES), figsize=(15, 4.5), sharey=True)
@@ -607,15 +593,14 @@ def plot_ood(rows: list[dict], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("AUROC (in-distribution positive)")
     axes[0].legend(loc="upper center", ncol=len(sets), fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcn.robustness", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m mcn.robustness", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="a fusion run's folder, or a sweep (pipeline) folder holding several")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: the run's trainer.device)")
     parser.add_argument("--batch_size", type=int, help="images per forward pass (default: the run's batch size)")

@@ -14,7 +14,6 @@ the run folder's alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mcn.cli import one_line_errors
+from mcn.cli import ArgumentParser, one_line_errors
 from mcn.errors import MCNError
 from mcn.files import SweepFiles, atomic_write, write_json
 from mcn.status import read_status
@@ -339,7 +338,9 @@ def cancel(folder: str) -> int:
     live = [v.job.job_id for v in views if v.live]
     if not live:
         raise MCNError(f"nothing to cancel in {folder}: no job is queued or running")
-    subprocess.run(["scancel", *live], check=True)
+    refused = subprocess.run(["scancel", *live], capture_output=True, text=True)
+    if refused.returncode:
+        raise MCNError(f"scancel refused to cancel {' '.join(live)}: {refused.stderr.strip() or refused.returncode}")
     # back once they have left the queue (KillWait: SIGTERM, then SIGKILL), so that a retry or relaunch sees them ended
     deadline = time.time() + 120
     while time.time() < deadline and any(v.live for v in look(sweep, [v.job for v in views if v.live])[0]):
@@ -349,7 +350,7 @@ def cancel(folder: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcn.sweep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m mcn.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["status", "retry", "cancel"])
     parser.add_argument("folder", help="the sweep folder a -m sweep printed")
     parser.add_argument(

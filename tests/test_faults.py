@@ -70,6 +70,10 @@ def test_one_expert_runs_to_the_end_for_every_fusion_type(tmp_path):
         ["--checkpoint_dir", str(jobs[0]), "--action", "load_complete"], tmp_path, module="mcn.components"
     )
     assert listing.returncode == 0 and "logit average, oracle: undefined with one expert" in listing.stdout
+    robust = run_cli([str(jobs[0])], tmp_path, module="mcn.robustness")  # no logit average to test: none is listed
+    assert robust.returncode == 0, robust.stderr[-2000:]
+    models = {r["model_type"] for r in read_csv(next(jobs[0].glob("robustness_*.csv")))}
+    assert models == {"fusion", "expert"}
 
 
 def test_divergence_stops_in_its_epoch_with_one_line_and_a_failed_status(tmp_path):
@@ -192,8 +196,8 @@ def test_full_disk_ends_with_one_line_leaves_no_temp_file_and_resumes_once_freed
     assert f"cannot write {run_dir}" in line and "no space left on device" in line
     assert "free space" in line and "run the same command again" in line
     assert temp_files(small_disk) == []
-    status = read_status(run_dir / "run_status.json")
-    assert status is None or status["state"] in ("failed", "running")  # best effort on a full disk
+    status = read_status(run_dir / "run_status.json")  # the failed write's partial file is gone: there is room
+    assert status["state"] == "failed" and status["error"] == line.removeprefix("mcn: error: ")
     ballast.unlink()
     resumed = run_cli(args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -268,9 +272,18 @@ def test_ctrl_c_says_where_the_last_good_state_is_and_resume_finishes(tmp_path):
         ),
         ("mcn.components", ["--checkpoint_dir", ".", "--action", "list", "--epoch", "ten"], "invalid int value: 'ten'"),
         ("mcn.evaluate", [], "the following arguments are required: sweep"),
+        ("mcn.sweep", ["stat", "."], "argument command: invalid choice: 'stat'"),
+        ("mcn.sweep", ["status", ".", "--watch", "soon"], "argument --watch: invalid float value: 'soon'"),
+        ("mcn.robustness", [], "the following arguments are required"),
+        ("mcn.robustness", [".", "--batch_size", "many"], "argument --batch_size: invalid int value: 'many'"),
         ("mcn.evaluate", ["a", "b"], "unrecognized arguments: b"),
         ("mcn.train", [*QUICK, "trainer.epochs=zero"], "trainer.epochs='zero' must be a positive number"),
         ("mcn.experts", [*QUICK, "pretrain.index=9"], "pretrain.index=9 is outside 0..3"),
+        (
+            "mcn.train",
+            [*QUICK, "expert=timm", "expert.name=test_vit"],
+            "expert timm/test_vit cannot take the data's 1x8x8",
+        ),
     ],
 )
 def test_malformed_arguments_get_one_line(tmp_path, module, args, expected):

@@ -49,10 +49,20 @@ def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):
     """The quick version of the study of docs/results.md: each option, one seed, tiny sizes."""
     options = sorted(p.stem for p in (CONF / "tuning").glob("*.yaml"))
     assert {"none", "freeze", "ensemble_start", "distill", "expert_dropout", "cutmix_smoothing"} <= set(options)
+    defaults = compose_cfg(tmp_path)
     for option in options:
         cfg = compose_cfg(tmp_path, [f"tuning={option}", f"experts.dir={experts_dir}", "trainer.epochs=3"])
         results = run(cfg, str(tmp_path / option))
         assert results["epochs_run"] == 3 and results["baselines"]["pretrained"]["logit_average"] is not None
+        changed = {
+            key
+            for block in ("model", "loss", "augment", "trainer")
+            for key, value in results["config"][block].items()
+            if value != defaults[block][key]
+        } - {"epochs"}
+        assert bool(changed) == (option != "none"), option  # each preset changes what it names, `none` nothing
+        rebuilt = components.evaluate_model(components.load_complete(tmp_path / option), tmp_path / option)
+        assert rebuilt["global_accuracy"] == results["test_accuracy"]
 
 
 def test_freezing_keeps_the_experts_and_their_statistics_then_trains_them(tmp_path, experts_dir):
@@ -154,6 +164,28 @@ def test_distillation_teacher_is_the_pretrained_experts_and_stays_frozen(tmp_pat
     assert all(torch.equal(teacher[k], pretrained[k]) for k in pretrained)
     student = recipe.model.experts[1].state_dict()
     assert any(not torch.equal(student[k], pretrained[k]) for k in pretrained if student[k].is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer.freeze_experts_epochs=3"], r"trainer.freeze_experts_epochs=3 must lie in 0..trainer.epochs-1 \(2\)"),
+        (["trainer.freeze_experts_epochs=-1"], r"trainer.freeze_experts_epochs=-1 must lie in 0"),
+        (
+            ["loss.distill_weight=0.1", "experts.dir=null"],
+            r"distils from the pretrained experts, but experts.dir is null",
+        ),
+        (["loss.distill_weight=0.1", "loss.distill_temperature=0"], r"loss.distill_temperature=0 must be a positive"),
+        (["augment.cutmix=2"], r"augment.cutmix=2 must lie in \[0, 1\]"),
+        (["model.expert_dropout=1.0"], r"model.expert_dropout=1.0 must lie in \[0, 1\)"),
+    ],
+)
+def test_option_values_that_cannot_work_are_refused_in_one_line(tmp_path, experts_dir, overrides, message):
+    from mcn.errors import ConfigError
+
+    cfg = compose_cfg(tmp_path, [f"experts.dir={experts_dir}", "trainer.epochs=3", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, str(tmp_path / "job"))
 
 
 def test_cutmix_and_label_smoothing_reach_the_fusion_stage(tmp_path, experts_dir):

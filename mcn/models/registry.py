@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from mcn.errors import ConfigError
@@ -110,5 +111,19 @@ class ExpertSpec:
     def family(self) -> str:
         return expert_family(self.preset)
 
-    def build(self, num_classes: int, in_channels: int) -> nn.Module:
-        return create_expert(self.preset, num_classes, in_channels, **self.options)
+    def build(self, num_classes: int, in_channels: int, image_size: tuple[int, int] | None = None) -> nn.Module:
+        """The expert; with `image_size`, checked by one forward pass that it takes the data's images (a timm
+        backbone may not), so a misfit ends in one line at setup, not in a traceback at the first step."""
+        expert = create_expert(self.preset, num_classes, in_channels, **self.options)
+        if image_size is not None:
+            was_training = expert.training
+            try:
+                with torch.no_grad():
+                    expert.eval()(torch.zeros(1, in_channels, *image_size))
+            except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts on input sizes
+                raise ConfigError(
+                    f"expert {self.label} cannot take the data's {in_channels}x{image_size[0]}x{image_size[1]} "
+                    f"images ({str(e).splitlines()[0]}); choose a model that accepts them"
+                ) from None
+            expert.train(was_training)
+        return expert

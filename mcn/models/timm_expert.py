@@ -54,8 +54,10 @@ class TimmExpert(nn.Module):
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
         try:
             self.model = timm.create_model(name, **kwargs)
-        except RuntimeError as e:  # a weights file of another model
-            raise CheckpointError(
+        except RuntimeError as e:
+            if not pretrained:
+                raise
+            raise CheckpointError(  # a weights file of another model
                 f"{pretrained_file} does not hold weights of timm model {name}: {str(e).splitlines()[0]}"
             ) from None
         self.architecture = dict(name=name, num_classes=num_classes, in_channels=in_channels)

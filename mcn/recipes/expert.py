@@ -17,7 +17,6 @@ the indices it was trained on, metrics; next to it a per-epoch CSV and a JSON su
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,15 @@ from mcn.config import absolute_paths, expert_specs, require_fraction, require_p
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.data.splits import Split
 from mcn.errors import CheckpointError, ConfigError
-from mcn.files import ExpertRunFiles, check_checkpoint, load_checkpoint, make_checkpoint, save_torch, write_json
+from mcn.files import (
+    ExpertRunFiles,
+    check_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    save_torch,
+    write_bytes,
+    write_json,
+)
 from mcn.loop import EpochLoop, Objective, evaluate
 from mcn.models import ExpertSpec
 from mcn.optim import optimizer_from_config, schedule_from_config
@@ -133,7 +140,8 @@ class ExpertRecipe:
         seed_everything(init_seed, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
         self.data = prepare_data(cfg)
-        self.model = self.spec.build(self.data.train.num_classes, self.data.train.in_channels)
+        train = self.data.train
+        self.model = self.spec.build(train.num_classes, train.in_channels, tuple(train.images.shape[-2:]))
         self.forward = self.runtime.prepare(self.model)
         self.augmentation = training_augmentation(cfg.pretrain.augment, self.data.train.num_classes, augment_seed)
         self._setup_batches()
@@ -273,8 +281,7 @@ class ExpertRecipe:
         ckpt["metrics"] = {**ckpt["metrics"], "test_accuracy": test["accuracy"]}
         save_torch(ckpt, self.files.published)
         write_json(self.files.results, results)
-        if distributed.is_main():
-            shutil.copyfile(self.files.report, self.files.published_report)
+        write_bytes(self.files.published_report, self.files.report.read_bytes())
         log.info(
             "expert %d: best epoch %d, val %.4f, test %.4f -> %s",
             self.index,

@@ -153,7 +153,8 @@ class FusionRecipe:
         (default: the experts' widest), an adapter for each expert of another width, the global head."""
         cfg, classes, channels = self.cfg, self.data.train.num_classes, self.data.train.in_channels
         self.expert_specs = expert_specs(cfg)
-        experts = [spec.build(classes, channels) for spec in self.expert_specs]
+        size = tuple(self.data.train.images.shape[-2:])
+        experts = [spec.build(classes, channels, size) for spec in self.expert_specs]
         self.expert_sources = [self._load_pretrained(e, i) for i, e in enumerate(experts)]
         unverified = [s["path"] for s in self.expert_sources if s["path"] and "split_hash" not in s]
         if unverified:
