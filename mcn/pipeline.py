@@ -12,6 +12,7 @@ line's overrides, so `mcn.experts` / `mcn.train` on Slurm give the same runs.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import hydra
@@ -20,27 +21,33 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mcn.cli import log, one_line_errors
-from mcn.config import expert_specs
+from mcn.config import config_changes, expert_specs, resolved
 from mcn.data.prepare import PreparedData, prepare_data
 from mcn.errors import MCNError
 from mcn.evaluate import report
 from mcn.files import load_file, pretrained_expert_path
 from mcn.models import ExpertSpec
 from mcn.recipes import run_recipe
-from mcn.recipes.expert import ExpertRecipe, check_pretrained_expert
+from mcn.recipes.expert import ExpertRecipe, apply_family_recipe, check_pretrained_expert
 from mcn.recipes.fusion import FusionRecipe
 from mcn.reports import collect_runs
 
 
 def expert_is_current(path: Path, index: int, spec: ExpertSpec, cfg: DictConfig, data: PreparedData) -> bool:
-    """Whether the fusion stage would accept this file as expert `index` (`check_pretrained_expert`), so it need not
-    be retrained."""
+    """Whether this file may stand for expert `index` without retraining: the fusion stage would accept it
+    (`check_pretrained_expert`) and it was pretrained with the recipe `pretrain.*` asks for now."""
     expert = spec.build(data.train.num_classes, data.train.in_channels)
     try:
-        check_pretrained_expert(load_file(path), path, index, expert.architecture, cfg.data.name, data.split)
+        ckpt = check_pretrained_expert(load_file(path), path, index, expert.architecture, cfg.data.name, data.split)
     except MCNError:
         return False
-    return True
+    wanted = copy.deepcopy(cfg)  # the expert stage's own view: this index, the family's values filled in
+    wanted.pretrain.index = index
+    apply_family_recipe(wanted, spec.family)
+    changes = config_changes(ckpt.get("config", {}).get("pretrain", {}), resolved(wanted.pretrain))
+    if changes:
+        log.info("expert %d: %s was pretrained otherwise (%s); retraining it", index, path, "; ".join(changes))
+    return not changes
 
 
 def run_pipeline(cfg: DictConfig, overrides: list[str], output_dir: str | Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """Expert pretraining, the fusion stage's checks on what it loads, and the one-command pipeline."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,23 @@ def test_pipeline_over_seeds_gives_each_seed_its_own_experts_and_runs(tmp_path):
     accuracy = [r for r in study if r["quantity"] == "test_accuracy"]
     assert [(r["group"], r["n"]) for r in accuracy] == [("multiplicative", "2")]
     assert float(accuracy[0]["mean"]) == pytest.approx(sum(r["test_accuracy"] for r in results.values()) / 2)
+
+
+@pytest.mark.slow
+def test_pipeline_reuses_experts_only_when_pretrained_with_the_same_recipe(tmp_path, caplog):
+    base = ["experiment=quickstart", "logger=none", "pretrain.epochs=1", "trainer.epochs=1", "pipeline.seeds=[42]",
+            "pipeline.fusions=[multiplicative]", "trainer.progress_bar=false",
+            f"paths.output_root={tmp_path / 'outputs'}"]  # fmt: skip
+
+    caplog.set_level(logging.INFO, logger="mcn")
+
+    def pipeline(*extra):
+        caplog.clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            run_pipeline(compose("train", overrides=[*base, *extra]), [*base, *extra], tmp_path / f"pipe{len(extra)}")
+        return caplog.text
+
+    pipeline()
+    assert pipeline("trainer.save_every=5").count("reusing") == 4  # nothing of the experts' recipe changed
+    retrained = pipeline("pretrain.epochs=2", "trainer.save_every=5")
+    assert retrained.count("was pretrained otherwise (epochs: 1 -> 2); retraining it") == 4
