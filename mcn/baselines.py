@@ -14,6 +14,9 @@ set, and reports on the test set, with everything fitted or selected on the othe
 
 Each value is `calibration()` on test (`accuracy`, `nll`, `ece`) plus that extra. With one expert
 the four combinations are undefined (None) and the best single expert is that expert.
+
+For experts after joint fusion training, the fusion training part is data they have just trained on, so
+a stacker fitted there sees over-confident logits; the clean comparison is with the pretrained experts.
 """
 
 from __future__ import annotations

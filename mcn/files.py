@@ -46,10 +46,28 @@ TRAIN_STATE_FORMAT = "mcn-train-state-v1"
 
 
 @dataclass(frozen=True)
-class FusionRunFiles:
-    """The files of one fusion run (docs/reference.md §4 names them)."""
+class RunFolder:
+    """What every training job keeps in its folder, whatever the stage."""
 
     root: Path
+
+    @property
+    def train_state(self) -> Path:
+        return self.root / "train_state.pth"
+
+    @property
+    def tracker_id(self) -> Path:
+        return self.root / "wandb_run_id.txt"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "run_status.json"
+
+
+@dataclass(frozen=True)
+class FusionRunFiles(RunFolder):
+    """The files of one fusion run (docs/reference.md §4 names them)."""
+
     fusion_type: str
 
     def expert(self, index: int, epoch: int) -> Path:
@@ -74,18 +92,6 @@ class FusionRunFiles:
     @property
     def results(self) -> Path:
         return self.root / f"fusion_training_results_{self.fusion_type}.json"
-
-    @property
-    def train_state(self) -> Path:
-        return self.root / "train_state.pth"
-
-    @property
-    def tracker_id(self) -> Path:
-        return self.root / "wandb_run_id.txt"
-
-    @property
-    def status(self) -> Path:
-        return self.root / "run_status.json"
 
     # what `python -m mcn.robustness` writes beside the run
     @property
@@ -143,10 +149,9 @@ def _hidden(relative: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class ExpertRunFiles:
-    """The files of one expert's pretraining: its job folder, and what it publishes to the experts folder."""
+class ExpertRunFiles(RunFolder):
+    """The files of one expert's pretraining: its job folder (`root`), and what it publishes to the experts folder."""
 
-    root: Path  # the job's own folder
     experts_dir: Path  # shared by every fusion run that starts from these experts
     filename: str  # the published best file, e.g. best_wrn_expert_{index}.pth
     index: int
@@ -174,18 +179,6 @@ class ExpertRunFiles:
     @property
     def results(self) -> Path:
         return self.experts_dir / f"expert_{self.index}_results.json"
-
-    @property
-    def train_state(self) -> Path:
-        return self.root / "train_state.pth"
-
-    @property
-    def tracker_id(self) -> Path:
-        return self.root / "wandb_run_id.txt"
-
-    @property
-    def status(self) -> Path:
-        return self.root / "run_status.json"
 
 
 @dataclass(frozen=True)

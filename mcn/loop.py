@@ -277,6 +277,18 @@ class EpochLoop:
         self.signal = None
         self.last_saved = 0
 
+    @classmethod
+    def from_config(cls, recipe: LoopRecipe, epochs: int, trainer) -> EpochLoop:
+        """The loop as `trainer.*` sets it up: save cadence, early stopping, resume, progress bar."""
+        return cls(
+            recipe,
+            epochs=int(epochs),
+            save_every=int(trainer.save_every),
+            patience=trainer.early_stopping_patience,
+            resume=trainer.resume,
+            progress_bar=trainer.progress_bar,
+        )
+
     def learning_rates(self) -> dict[str, float]:
         return {g["role"]: g["lr"] for g in self.recipe.optimizer.param_groups}
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcn.models.registry import register_expert
+from mcn.models.registry import PooledConvExpert, register_expert
 
 
 class _DenseLayer(nn.Module):
@@ -36,7 +36,7 @@ class _Transition(nn.Sequential):
         )
 
 
-class DenseNet(nn.Module):
+class DenseNet(PooledConvExpert):
     """An expert with the uniform interface of `mcn.models.registry`."""
 
     def __init__(
@@ -68,23 +68,10 @@ class DenseNet(nn.Module):
                 layers.append(_Transition(width, int(width * compression)))
                 width = int(width * compression)
         self.features = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(width)
-        self.num_features = width
-        self.classifier = nn.Linear(width, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self._finish(width, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(F.relu(self.bn(self.features(x))), 1).flatten(1)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 @register_expert("densenet121", family="densenet")

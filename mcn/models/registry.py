@@ -21,12 +21,41 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mcn.errors import ConfigError
 
 _EXPERTS: dict[str, tuple[Callable[..., nn.Module], str]] = {}  # preset -> (builder, family)
 _SHAPE_ARGS = ("num_classes", "in_channels")  # every builder's first two arguments, taken from the data
+
+
+class PooledConvExpert(nn.Module):
+    """What the CIFAR families share: `body(x)`, the family's own (the last feature map), then BatchNorm ->
+    ReLU -> global average pool (the feature, `num_features` wide) and the expert's own classifier.
+    A family builds its layers, then calls `_finish(width, num_classes)`."""
+
+    def _finish(self, width: int, num_classes: int) -> None:
+        self.bn = nn.BatchNorm2d(width)
+        self.num_features = width
+        self.classifier = nn.Linear(width, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(F.relu(self.bn(self.body(x))), 1).flatten(1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def register_expert(name: str, family: str) -> Callable:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcn.models.registry import register_expert
+from mcn.models.registry import PooledConvExpert, register_expert
 
 
 class _Bottleneck(nn.Module):
@@ -39,7 +39,7 @@ class _Bottleneck(nn.Module):
         return out + residual
 
 
-class PreActResNeXt(nn.Module):
+class PreActResNeXt(PooledConvExpert):
     """An expert with the uniform interface of `mcn.models.registry`. `widths` are the stages' outputs;
     a stage's grouped convolution is `cardinality x base_width x (its output / the first output)` wide."""
 
@@ -76,24 +76,10 @@ class PreActResNeXt(nn.Module):
             stages.append(nn.Sequential(first, *rest))
             in_planes = planes
         self.stages = nn.Sequential(*stages)
-        self.bn = nn.BatchNorm2d(widths[-1])
-        self.num_features = widths[-1]
-        self.classifier = nn.Linear(widths[-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self._finish(widths[-1], num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
 
 
 @register_expert("resnext29_8x64d", family="resnext")

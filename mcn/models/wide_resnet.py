@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcn.models.registry import register_expert
+from mcn.models.registry import PooledConvExpert, register_expert
 
 
 class _Block(nn.Module):
@@ -38,7 +38,7 @@ class _Block(nn.Module):
         return out + residual
 
 
-class WideResNet(nn.Module):
+class WideResNet(PooledConvExpert):
     """An expert with the uniform interface of `mcn.models.registry`."""
 
     def __init__(self, depth: int, widen_factor: int, dropout: float, num_classes: int, in_channels: int):
@@ -61,24 +61,10 @@ class WideResNet(nn.Module):
             ]
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.bn = nn.BatchNorm2d(widths[3])
-        self.num_features = widths[3]
-        self.classifier = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self._finish(widths[3], num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
 
 
 def wide_resnet(

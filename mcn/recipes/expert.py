@@ -218,16 +218,7 @@ class ExpertRecipe:
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
-        trainer = self.cfg.trainer
-        loop = EpochLoop(
-            self,
-            epochs=int(self.cfg.pretrain.epochs),
-            save_every=int(trainer.save_every),
-            patience=trainer.early_stopping_patience,
-            resume=trainer.resume,
-            progress_bar=trainer.progress_bar,
-        )
-        best, epochs_run, seconds = loop.run()
+        best, epochs_run, seconds = EpochLoop.from_config(self, self.cfg.pretrain.epochs, self.cfg.trainer).run()
         return self.finish(best, epochs_run, seconds)
 
     # ------------------------------------------------------------------ save

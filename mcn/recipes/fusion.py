@@ -281,19 +281,10 @@ class FusionRecipe:
         return {part: predict(self.forward, batches, self.runtime) for part, batches in self.measured_parts.items()}
 
     def train(self) -> dict:
-        trainer = self.cfg.trainer
         # the experts as they came in, measured before fusion training: the baselines the fusion must beat
         self.initial = self.predict_parts()
         self.initial_test = head_metrics(*self.initial["test"], self.objective)
-        loop = EpochLoop(
-            self,
-            epochs=int(trainer.epochs),
-            save_every=int(trainer.save_every),
-            patience=trainer.early_stopping_patience,
-            resume=trainer.resume,
-            progress_bar=trainer.progress_bar,
-        )
-        best, epochs_run, seconds = loop.run()
+        best, epochs_run, seconds = EpochLoop.from_config(self, self.cfg.trainer.epochs, self.cfg.trainer).run()
         return self.finish(best, epochs_run, seconds)
 
     def start_epoch(self, epoch: int) -> None:
