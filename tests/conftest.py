@@ -53,3 +53,25 @@ def plain_test_predictions(model, cfg: DictConfig):
 
 def accuracy(logits, labels) -> float:
     return round((logits.argmax(-1) == labels).float().mean().item(), 6)
+
+
+def cpu_runtime():
+    """Plain fp32 eager on the CPU, what tests of the loop and models run on."""
+    import torch
+
+    from mcn.runtime import Runtime
+
+    off = dict(bf16=False, channels_last=False, compile=False, fused_optimizer=False)
+    return Runtime(device=torch.device("cpu"), data_on_device=True, **off)
+
+
+def pretrain_experts(tmp: Path, epochs: int) -> Path:
+    """Four experts pretrained on digits for `epochs` epochs, in-process as `mcn.experts` would; their folder."""
+    from mcn.recipes import run_recipe
+    from mcn.recipes.expert import ExpertRecipe
+
+    for i in range(4):
+        run_recipe(
+            ExpertRecipe(compose_cfg(tmp, [f"pretrain.epochs={epochs}", f"pretrain.index={i}"]), tmp / f"job{i}")
+        )
+    return tmp / "outputs" / "experts" / "digits_iid_k4_split42_wrn10_1_seed42"

@@ -15,11 +15,9 @@ import torch
 
 from mcn.files import TEMP_PATTERN, read_csv
 from mcn.models import create_expert, list_fusions
-from mcn.recipes import run_recipe
-from mcn.recipes.expert import ExpertRecipe
 from mcn.status import read_status
 
-from conftest import compose_cfg, run_cli
+from conftest import pretrain_experts, run_cli
 
 QUICK = ["experiment=quickstart", "logger=none", "trainer.progress_bar=false"]
 
@@ -125,10 +123,7 @@ def test_starting_over_moves_the_earlier_run_aside(tmp_path):
 @pytest.fixture(scope="module")
 def digits_experts(tmp_path_factory):
     """Four experts pretrained for one epoch on digits, in mcn's format."""
-    tmp = tmp_path_factory.mktemp("experts")
-    for i in range(4):
-        run_recipe(ExpertRecipe(compose_cfg(tmp, ["pretrain.epochs=1", f"pretrain.index={i}"]), tmp / f"job{i}"))
-    return tmp / "outputs" / "experts" / "digits_iid_k4_split42_wrn10_1_seed42"
+    return pretrain_experts(tmp_path_factory.mktemp("experts"), epochs=1)
 
 
 def test_experts_of_another_data_set_are_refused_for_the_real_reason(tmp_path, digits_experts):

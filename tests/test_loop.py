@@ -10,8 +10,9 @@ from mcn.errors import CheckpointError, ConfigError
 from mcn.files import FusionRunFiles, save_torch
 from mcn.loop import EpochLoop, Objective
 from mcn.reports import CsvReport
-from mcn.runtime import Runtime
 from mcn.tracking import RunTracker
+
+from conftest import cpu_runtime
 
 
 class ScriptedRecipe:
@@ -29,14 +30,7 @@ class ScriptedRecipe:
         self.objective = Objective.single(torch.device("cpu"))
         self.optimizer = torch.optim.SGD([{"params": self.model.parameters(), "lr": 0.1, "role": "lr"}])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
-        self.runtime = Runtime(
-            device=torch.device("cpu"),
-            bf16=False,
-            channels_last=False,
-            compile=False,
-            fused_optimizer=False,
-            data_on_device=True,
-        )
+        self.runtime = cpu_runtime()
         self.train_batches = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]
         self.val_batches = []
         self.generators = []

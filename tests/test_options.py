@@ -14,20 +14,11 @@ from mcn.models import MCN, ExpertStack, create_expert, create_fusion
 from mcn.models.mcn import drop_experts
 from mcn.optim import cosine_schedule
 from mcn.recipes import run_recipe
-from mcn.recipes.expert import ExpertRecipe
-from mcn.runtime import Runtime
 from mcn.train import run
 
-from conftest import CONF, compose_cfg
+from conftest import CONF, compose_cfg, cpu_runtime, pretrain_experts
 
-CPU = Runtime(
-    device=torch.device("cpu"),
-    bf16=False,
-    channels_last=False,
-    compile=False,
-    fused_optimizer=False,
-    data_on_device=True,
-)
+CPU = cpu_runtime()
 
 
 def tiny_mcn(**options) -> MCN:
@@ -39,10 +30,7 @@ def tiny_mcn(**options) -> MCN:
 @pytest.fixture(scope="module")
 def experts_dir(tmp_path_factory):
     """Four experts pretrained for two epochs on digits."""
-    tmp = tmp_path_factory.mktemp("experts")
-    for i in range(4):
-        run_recipe(ExpertRecipe(compose_cfg(tmp, ["pretrain.epochs=2", f"pretrain.index={i}"]), tmp / f"job{i}"))
-    return tmp / "outputs" / "experts" / "digits_iid_k4_split42_wrn10_1_seed42"
+    return pretrain_experts(tmp_path_factory.mktemp("experts"), epochs=2)
 
 
 def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):

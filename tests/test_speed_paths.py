@@ -9,7 +9,7 @@ from mcn.loop import Objective, evaluate
 from mcn.models import MCN, create_expert, create_fusion
 from mcn.runtime import Runtime
 
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, cpu_runtime
 
 
 def test_gpu_defaults_pick_the_fast_path(tmp_path):
@@ -54,14 +54,7 @@ def test_one_forward_per_batch_gives_every_metric():
     images = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, 10, (50,))
     batches = TensorBatches(images, labels, 16, [0.5], [0.25], train=False)
-    rt = Runtime(
-        device=torch.device("cpu"),
-        bf16=False,
-        channels_last=False,
-        compile=False,
-        fused_optimizer=False,
-        data_on_device=True,
-    )
+    rt = cpu_runtime()
     metrics = evaluate(model, batches, Objective.dual_path(3, alpha=1.0, device=rt.device), rt)
     assert len(calls) == len(batches) == 4
     x = torch.cat([b for b, _ in batches])
