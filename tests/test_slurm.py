@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from mcn.recipes import run_recipe
-from mcn.recipes.expert import ExpertRecipe
 from mcn.train import run
 
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, pretrain_experts
 
 
 def cluster_up() -> bool:
@@ -415,11 +413,7 @@ EVERY_OPTION = ["trainer.freeze_experts_epochs=1", "model.ensemble_start=true", 
 def test_every_training_option_trains_in_a_two_task_job(tmp_path):
     """Distributed training (gloo) with every fusion option at once: the frozen teacher stays out of DDP, expert
     dropout and CutMix draw per process, the frozen experts' gradients are synchronised at rate 0."""
-    for i in range(4):  # pretrained experts, for the distillation teacher
-        run_recipe(
-            ExpertRecipe(compose_cfg(tmp_path, ["pretrain.epochs=1", f"pretrain.index={i}"]), tmp_path / f"e{i}")
-        )
-    experts = next(tmp_path.glob("outputs/experts/*"))
+    experts = pretrain_experts(tmp_path, epochs=1)  # for the distillation teacher
     proc = sweep(
         [
             "fusion=TransformerBase",
