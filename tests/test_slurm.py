@@ -160,8 +160,8 @@ def test_sweep_returns_at_once_and_status_follows_it_to_the_end(tmp_path):
     queued = subprocess.run(["squeue", "-h", "-r", "-j", array, "-o", "%i %T"], capture_output=True, text=True)
     assert len(queued.stdout.splitlines()) == 4, queued.stdout
     assert not [cmd for cmd in processes_in(tmp_path) if "mcn.train" in cmd]
-    now = sweep_cli("status", sweep_dir, cwd=tmp_path)
-    assert now.returncode == 0 and "COMPLETED" not in now.stdout, now.stdout + now.stderr
+    now = sweep_cli("status", sweep_dir, cwd=tmp_path)  # the node runs two at a time: some are still to come
+    assert now.returncode == 0 and ("PENDING" in now.stdout or "RUNNING" in now.stdout), now.stdout + now.stderr
 
     proc, rows = follow(sweep_dir, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
