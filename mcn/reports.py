@@ -68,6 +68,7 @@ SUMMARY_COLUMNS = [
     "test_ece",
     "ensemble_test_accuracy",
     "oracle_test_accuracy",
+    "oracle_gap_used",
     "expert_test_accuracy",
     "initial_expert_test_accuracy",
     "initial_ensemble_test_accuracy",
@@ -137,6 +138,7 @@ def collect_runs(root: str | Path) -> list[dict]:
                 "test_ece": calibration.get("ece"),
                 "ensemble_test_accuracy": r["ensemble_test_accuracy"],
                 "oracle_test_accuracy": r["oracle_test_accuracy"],
+                "oracle_gap_used": oracle_gap_used(r),
                 "expert_test_accuracy": r["expert_test_accuracy"],
                 "initial_expert_test_accuracy": r["initial_expert_test_accuracy"],
                 "initial_ensemble_test_accuracy": r["initial_ensemble_test_accuracy"],
@@ -152,6 +154,16 @@ def collect_runs(root: str | Path) -> list[dict]:
             }
         )
     return rows
+
+
+def oracle_gap_used(results: dict) -> float | None:
+    """How much of its experts' disagreement a fusion turns into accuracy: (fusion - logit average) /
+    (oracle - logit average), all on test and for the same (jointly trained) experts; 1 = as good as an oracle
+    that always picks a right expert, 0 = no better than the average. Undefined with one expert or no gap."""
+    average, oracle = results["ensemble_test_accuracy"], results["oracle_test_accuracy"]
+    if average is None or oracle is None or oracle <= average:
+        return None
+    return (results["test_accuracy"] - average) / (oracle - average)
 
 
 def _cell(value) -> str:

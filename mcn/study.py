@@ -38,7 +38,16 @@ from mcn.reports import EXPERT_SETS, baseline_column, latex_table, markdown_tabl
 
 CONFIDENCE = 0.95
 # the fusion's own per-run metric columns; each one a study's rows hold gets mean ± std per group
-FUSION_METRICS = ("test_accuracy", "test_nll", "test_ece", "val_accuracy", "corruption_accuracy", "ood_auroc")
+FUSION_METRICS = (
+    "test_accuracy",
+    "test_nll",
+    "test_ece",
+    "val_accuracy",
+    "oracle_gap_used",
+    "wall_time_s",
+    "corruption_accuracy",
+    "ood_auroc",
+)
 # what each fusion is paired with (test accuracy): the experts' logit average, a stacker fitted on their frozen
 # logits and the expert chosen on val, first for the experts as pretrained ("what the same experts give for
 # free"), then after joint training

@@ -139,3 +139,14 @@ def test_quickstart_sweep_through_the_local_launcher(tmp_path):
         assert results["fusion_type"] == fusion and results["epochs_run"] == 2
         assert (job / f"best_complete_fusion_{fusion}.pth").exists()
         assert (job / "experts" / "expert_3_epoch_2.pth").exists()
+
+
+def test_summary_row_says_how_much_of_the_oracle_gap_the_fusion_used(finished_run):
+    from mcn.reports import collect_runs
+
+    _, out, results = finished_run
+    (row,) = collect_runs(out)
+    average, oracle = results["ensemble_test_accuracy"], results["oracle_test_accuracy"]
+    assert oracle > average  # four tiny experts disagree
+    assert row["oracle_gap_used"] == pytest.approx((results["test_accuracy"] - average) / (oracle - average))
+    assert row["wall_time_s"] == results["wall_time_s"]
