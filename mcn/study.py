@@ -159,13 +159,25 @@ def _identity(config: dict | None, vary: Sequence[str]) -> dict | None:
 
 
 def _label(fusion_type: str, identity: dict | None, siblings: list[dict | None]) -> str:
-    """The fusion type, and where several groups share it, the keys in which they differ."""
+    """The fusion type, and where several groups share it, the keys in which this group differs: each key whose
+    value here is not the one most of its siblings share (so in an options study, the baseline is the bare fusion
+    type and every other group names its option)."""
     if len(siblings) == 1:
         return fusion_type
     if identity is None:
         return f"{fusion_type} [config unknown]"
     known = [s for s in siblings if s is not None]
-    keys = sorted({k for s in known for k in s if len({json.dumps(t.get(k), default=str) for t in known}) > 1})
+
+    def value(config: dict, key: str) -> str:
+        return json.dumps(config.get(key), default=str)
+
+    keys = []
+    for key in sorted({k for s in known for k in s}):
+        counts = Counter(value(s, key) for s in known)
+        top = max(counts.values())
+        modal = counts[value(identity, key)] == top and list(counts.values()).count(top) == 1
+        if len(counts) > 1 and not modal:
+            keys.append(key)
     return f"{fusion_type} [{', '.join(f'{k}={identity.get(k)}' for k in keys)}]" if keys else fusion_type
 
 

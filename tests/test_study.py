@@ -255,3 +255,15 @@ def test_verdicts_without_spread_or_pairs():
     assert (shifted.difference.mean, shifted.p_value, shifted.verdict) == (0.25, 0.0, "better")
     one = compare([0.9], [0.8], "x")
     assert (one.difference.n, one.difference.std, one.p_value, one.verdict) == (1, None, None, "n too small")
+
+
+def test_labels_name_what_a_group_changes_from_the_common_setting():
+    from mcn.study import _label
+
+    base = {"model.ensemble_start": False, "loss.distill_weight": 0.0}
+    ensemble, distill = base | {"model.ensemble_start": True}, base | {"loss.distill_weight": 0.1}
+    siblings = [base, ensemble, distill]
+    assert _label("concatenation", base, siblings) == "concatenation"  # the common setting: the baseline
+    assert _label("concatenation", ensemble, siblings) == "concatenation [model.ensemble_start=True]"
+    assert _label("concatenation", distill, siblings) == "concatenation [loss.distill_weight=0.1]"
+    assert _label("concatenation", base, [base, ensemble]) == "concatenation [model.ensemble_start=False]"  # a tie
