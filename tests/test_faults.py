@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mcn.data.datasets import DEBIAN_FASHION_MNIST
 from mcn.files import TEMP_PATTERN, read_csv
 from mcn.models import create_expert, list_fusions
 from mcn.status import read_status
@@ -126,6 +127,10 @@ def digits_experts(tmp_path_factory):
     return pretrain_experts(tmp_path_factory.mktemp("experts"), epochs=1)
 
 
+@pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir() and not os.environ.get("CI"),
+    reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist; .ci/run installs it)",
+)
 def test_experts_of_another_data_set_are_refused_for_the_real_reason(tmp_path, digits_experts):
     proc = run_cli([*QUICK, "data=fashion_mnist", f"experts.dir={digits_experts}"], tmp_path)
     assert proc.returncode == 2
