@@ -7,7 +7,11 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
+
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
 
 from mcn.errors import MCNError
 
@@ -35,11 +39,15 @@ def one_line_errors():
     logging.raiseExceptions = False  # a log handler on a full disk must not print a traceback per line
     try:
         yield
-    except MCNError as e:
-        _to_log_files(str(e))
+    except (MCNError, OmegaConfBaseException) as e:  # the latter: a config value that does not resolve
+        if isinstance(e, MCNError):
+            message, status = str(e), e.exit_status
+        else:
+            message, status = f"the config does not resolve: {config_error(e)}; check the overrides", 2
+        _to_log_files(message)
         if os.environ.get("SUBMITIT_EXECUTOR"):
             raise
-        fail(str(e), e.exit_status)
+        fail(message, status)
     except KeyboardInterrupt:
         _to_log_files("interrupted (Ctrl-C)")
         fail("interrupted (Ctrl-C); files are written atomically, so what is on disk is whole", 130)
@@ -50,3 +58,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         fail(f"{message} (see python -m {self.prog.split()[-1]} --help)")
+
+
+def hydra_command(main: Callable[[], None]) -> None:
+    """Run a `@hydra.main` entrypoint so that a mistake on its command line (an option its config group lacks, a key
+    the config lacks, an override that does not parse) ends in one line too; Hydra's own report spans a dozen."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises what it would otherwise report
+    try:
+        main()
+    except MissingConfigException as e:
+        known = f"; known: {', '.join(e.options)}" if e.options else ""
+        fail(f"{str(e).splitlines()[0]}{known}")
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(config_error(e))
+
+
+def config_error(e: BaseException) -> str:
+    """Hydra's or OmegaConf's message on one line: its own lines, then its cause's, without the indented details
+    (full_key, object_type)."""
+
+    def lines(error: BaseException) -> list[str]:
+        return [line.strip().rstrip(".") for line in str(error).splitlines() if line and not line[0].isspace()]
+
+    return "; ".join(lines(e)) + (f" ({'; '.join(lines(e.__cause__))})" if e.__cause__ else "")

@@ -6,7 +6,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mcn.cli import one_line_errors
+from mcn.cli import hydra_command, one_line_errors
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
 
@@ -18,4 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

@@ -20,7 +20,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mcn.cli import log, one_line_errors
+from mcn.cli import hydra_command, log, one_line_errors
 from mcn.config import config_changes, expert_specs, resolved
 from mcn.data.prepare import PreparedData, prepare_data
 from mcn.errors import MCNError
@@ -88,4 +88,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

@@ -27,11 +27,21 @@ def run_expecting(tmp_path, overrides, error, match):
     assert status["state"] == "failed" and status["error"] == str(raised.value)
 
 
-def test_unknown_fusion_group_option_lists_the_known_ones(tmp_path):
-    proc = run_cli(["fusion=sum", "experiment=quickstart"], tmp_path)
-    assert proc.returncode != 0
-    assert "Could not find 'fusion/sum'" in proc.stderr and "TransformerBase" in proc.stderr
-    assert "Traceback" not in proc.stderr
+@pytest.mark.parametrize(
+    ("module", "override", "line"),
+    [
+        ("mcn.train", "fusion=sum", "In 'train': Could not find 'fusion/sum'; known: TransformerBase, concatenation, "),
+        ("mcn.experts", "expert=wrn99", "In 'train': Could not find 'expert/wrn99'; known: densenet121, "),
+        ("mcn.pipeline", "trainer.epoch=5", "Could not override 'trainer.epoch'; To append to your config use +"),
+        ("mcn.train", "trainer.epochs=[1,", "no viable alternative at input '[1,'"),
+        ("mcn.train", "trainer.epochs=${nope}", "the config does not resolve: Interpolation key 'nope' not found"),
+    ],
+)
+def test_a_command_line_hydra_cannot_compose_gets_one_line(tmp_path, module, override, line):
+    proc = run_cli([override, "experiment=quickstart", "logger=none"], tmp_path, module=module)
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.startswith(f"mcn: error: {line}") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not list(tmp_path.rglob("*.pth"))
 
 
 def test_unknown_fusion_name(tmp_path):
