@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mcn.cli import ArgumentParser, one_line_errors
 from mcn.errors import MCNError
-from mcn.files import SweepFiles, atomic_write, write_json
+from mcn.files import RunFolder, SweepFiles, atomic_write, write_json
 from mcn.status import read_status
 
 # Slurm states of a job that is still queued or running (it may yet finish)
@@ -220,7 +220,7 @@ def look(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[JobView
     slurm = slurm_states([j.job_id for j in jobs if j.job_id]) if sweep.launcher == "slurm" else None
     views = []
     for job in jobs:
-        run = read_status(sweep.root / job.folder / "run_status.json") or {}
+        run = read_status(RunFolder(sweep.root / job.folder).status) or {}
         state = (slurm or {}).get(job.job_id) if job.job_id else "UNSUBMITTED"
         if state is None or (state not in LIVE and run.get("state") == "done"):  # the run folder says
             # submitit's result file without a run status: the job failed before its run started

@@ -80,8 +80,10 @@ def test_crash_leaves_a_partial_temp_file_that_resume_ignores(tmp_path, monkeypa
     with pytest.raises(MemoryError):
         run(compose_cfg(tmp_path, RUN), str(tmp_path / "job"))
     monkeypatch.undo()
-    (tmp_path / "job" / ".train_state.pth.tmp999").write_bytes(b"half a checkpoint")  # a write cut short
+    partial = tmp_path / "job" / ".train_state.pth.tmp999"
+    partial.write_bytes(b"half a checkpoint")  # a write cut short
     run(compose_cfg(tmp_path, RUN), str(tmp_path / "job"))
+    assert not partial.exists()  # a starting run removes its folder's stale temp files
     assert rows(tmp_path / "job") == rows(uninterrupted)
     assert results(tmp_path / "job") == results(uninterrupted)
 

@@ -39,10 +39,21 @@ pytestmark = [
     ),
 ]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def skip_unless_required(reason: str) -> None:
+    """Skip where the cluster lacks a setup a test needs; under .ci/run (MCN_REQUIRE_SLURM=1) that is a failure."""
+    if os.environ.get("MCN_REQUIRE_SLURM"):
+        pytest.fail(f"MCN_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
 SLURM = ["experiment=quickstart", "hydra/launcher=slurm", "logger=none", "trainer.progress_bar=false"]
 # the run that gets interrupted, and its uninterrupted twin (`straight`)
 LONG = ["fusion=multiplicative", "trainer.epochs=40", "trainer.save_every=10", "trainer.deterministic=true"]
 START_SLURM = ROOT / "scripts" / "slurm-local" / "start-slurm.sh"
+# the guide's Slurm request (conf/hydra/launcher/slurm.yaml) as sbatch lines: every submission must carry it
+REQUEST = ("--time=720", "--mem=32GB", "--cpus-per-task=4", "--gpus-per-node=1", "--partition=gpu")
 
 
 def sweep(args, cwd, env=ENV):
@@ -167,14 +178,7 @@ def test_sweep_returns_at_once_and_status_follows_it_to_the_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     assert [rows[n][1:4] for n in range(4)] == [[f"{array}_{n}", "COMPLETED", "2/2"] for n in range(4)]
     script = next(sweep_dir.glob(".submitit/*/*_submission.sh")).read_text()
-    for line in (
-        "--array=0-3",
-        "--time=720",
-        "--mem=32GB",
-        "--cpus-per-task=4",
-        "--gpus-per-node=1",
-        "--partition=gpu",
-    ):
+    for line in ("--array=0-3", *REQUEST):
         assert line in script
     for num, fusion in enumerate(fusions):
         job = next(sweep_dir.glob(f"{num}_fusion={fusion},*"))
@@ -189,7 +193,7 @@ def test_sweep_returns_at_once_and_status_follows_it_to_the_end(tmp_path):
 def preempt(job_id):
     """A job of the higher-priority partition that needs the whole node: Slurm requeues ours (SIGTERM, no USR2)."""
     if not subprocess.run(["sinfo", "-h", "-p", "urgent"], capture_output=True, text=True).stdout:
-        pytest.skip("no `urgent` partition (start-slurm.sh with SLURM_LOCAL_URGENT_PARTITION=urgent)")
+        skip_unless_required("no `urgent` partition (start-slurm.sh with SLURM_LOCAL_URGENT_PARTITION=urgent)")
     subprocess.run(
         ["sbatch", "-p", "urgent", "--exclusive", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 1"], check=True
     )
@@ -253,6 +257,8 @@ def test_scancel_then_retry_resumes_and_a_second_retry_submits_nothing(tmp_path,
     assert second.stderr.count("\n") == 1 and not second.stdout
     job_ids = json.loads((sweep_dir / "sweep.json").read_text())["jobs"][0]["job_ids"]
     assert len(job_ids) == 2 and job_ids[0] == job_id  # one resubmission
+    resubmitted = (sweep_dir / ".submitit" / job_ids[1] / f"{job_ids[1]}_submission.sh").read_text()
+    assert all(line in resubmitted for line in REQUEST), resubmitted  # the sweep's original request
 
     status, rows = follow(sweep_dir, tmp_path)
     assert status.returncode == 0 and rows[0][1:4] == [job_ids[1], "COMPLETED", "40/40"] and rows[0][5] == "1"
@@ -295,7 +301,7 @@ def max_array_size_2():
     """The local cluster restarted with MaxArraySize=2 (its queue kept), and restored afterwards."""
     conf = Path("/etc/slurm/slurm.conf")
     if os.geteuid() != 0 or not conf.exists() or "managed by slurm-local" not in conf.read_text():
-        pytest.skip("needs root and the cluster of scripts/slurm-local/start-slurm.sh")
+        skip_unless_required("the test needs root and the cluster of scripts/slurm-local/start-slurm.sh")
 
     def restart(**env):
         subprocess.run(
