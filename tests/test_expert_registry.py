@@ -1,10 +1,23 @@
 """The expert registry: every preset's interface, its record, published sizes, timm backbones, the speed paths."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from mcn.errors import ConfigError
-from mcn.models import ExpertSpec, build_expert, create_expert, expert_family, list_experts
+from mcn.models import (
+    MCN,
+    ExpertSpec,
+    build_expert,
+    create_expert,
+    create_fusion,
+    expert_family,
+    fusion_width,
+    list_experts,
+)
+
+from conftest import cpu_runtime
 
 TIMM_TEST_MODEL = "test_resnet"  # a real timm architecture, tiny (0.4 M parameters)
 TINY = ["wrn10_1", "preact_resnet_tiny", "densenet_tiny", "resnext_tiny", f"timm/{TIMM_TEST_MODEL}"]
@@ -114,3 +127,29 @@ def test_bf16_channels_last_forward_backward(preset):
     bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not bad, bad
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.slow
+def test_compiled_mcn_of_every_family_matches_eager():
+    """trainer.compile's path (Runtime.prepare: torch.compile, inductor) through every family at once: one MCN of
+    the tiny presets gives eager's loss and gradients."""
+    torch.manual_seed(0)
+    experts = [ExpertSpec.parse(p).build(10, 3) for p in TINY]
+    width = fusion_width([e.num_features for e in experts])
+    model = MCN(experts, create_fusion("multiplicative", len(experts), width, dropout=0.0), 10, width).eval()
+    x = torch.randn(4, 3, 32, 32)
+
+    def loss_and_gradients(forward):
+        model.zero_grad()
+        global_logits, expert_logits = forward(x)
+        loss = global_logits.logsumexp(1).mean() + expert_logits.logsumexp(2).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_gradients(model)
+    compiled = dataclasses.replace(cpu_runtime(), compile=True).prepare(model)
+    assert compiled is not model
+    compiled_loss, compiled_grads = loss_and_gradients(compiled)
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-4)
+    for eager, fast in zip(eager_grads, compiled_grads):
+        assert torch.allclose(fast, eager, rtol=1e-3, atol=1e-6)
