@@ -53,6 +53,31 @@ def test_severity_zero_is_the_identity_and_one_is_not(images, name):
     assert torch.equal(R.corrupt(images, name, 3, seed=5), R.corrupt(images, name, 3, seed=5))  # reproducible
 
 
+# each operation's zero strength: where its severity scale starts (JPEG's codec is lossy even at quality 100)
+ZERO_STRENGTH = {
+    "gaussian_noise": 0.0,
+    "shot_noise": 1e9,
+    "impulse_noise": 0.0,
+    "gaussian_blur": 1e-3,
+    "contrast": 1.0,
+    "brightness": 0.0,
+    "jpeg": 100,
+    "pixelate": 1.0,
+    "elastic": 0.0,
+}
+
+
+@pytest.mark.parametrize("name", list(R.CORRUPTIONS))
+def test_each_operation_at_zero_strength_gives_the_image_back(images, name):
+    """Severity 0 is "no corruption" by definition (`corrupt` returns the input); this checks that the operation
+    itself starts there, so that severity 1 is a small step from the clean image, not a jump."""
+    op, _ = R.CORRUPTIONS[name]
+    if name == "jpeg":
+        assert psnr(images, op(images, ZERO_STRENGTH[name])) > 40
+    else:
+        assert torch.allclose(op(images, ZERO_STRENGTH[name]), images, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", list(R.CORRUPTIONS))
 def test_severities_are_monotone_psnr_falls(images, name):
     psnrs = [psnr(images, R.corrupt(images, name, level)) for level in range(1, 6)]
