@@ -1,4 +1,4 @@
-"""How long `mcn.baselines.expert_baselines` takes at study sizes: synthetic expert logits, K = 4 experts, a
+"""How long `mcn.evaluation.baselines.expert_baselines` takes at study sizes: synthetic expert logits, K = 4 experts, a
 fusion training part, a validation part and a test set of Fashion-MNIST / CIFAR sizes, 10 and 100 classes.
 
     python benchmarks/baselines.py
@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from mcn.baselines import expert_baselines
+from mcn.evaluation.baselines import expert_baselines
 
 
 def part(n: int, k: int, classes: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mcn.runtime import Runtime
+from mcn.training.runtime import Runtime
 
 import throughput
 

@@ -10,7 +10,7 @@
 widest feature through adapters).
 For each (experts, fusion type, knobs) it times `--steps` training steps after `--warmup`:
 - framework: `TensorBatches` (uint8 set on the device, crop + flip there) feeding
-  `mcn.loop.train_epoch` (dual-path loss, clipping, cosine schedule, on-device metrics);
+  `mcn.training.loop.train_epoch` (dual-path loss, clipping, cosine schedule, on-device metrics);
 - bare: the same model, optimiser, batch and loss in a plain `for` loop over pre-made float batches.
 Framework and bare timings alternate over `--rounds` rounds and the medians are compared.
 Prints a table (images/s, a 10k-image epoch in seconds, framework overhead, MFU on GPU) and writes JSON.
@@ -29,10 +29,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mcn.data.loader import TensorBatches
-from mcn.loop import Objective, stacked_logits, train_epoch, weighted_cross_entropy
 from mcn.models import MCN, ExpertSpec, create_fusion, fusion_width
-from mcn.optim import cosine_schedule
-from mcn.runtime import Runtime
+from mcn.training.loop import Objective, stacked_logits, train_epoch, weighted_cross_entropy
+from mcn.training.optim import cosine_schedule, optimizer_from_config
+from mcn.training.runtime import Runtime
 
 
 def expert_specs(experts: str, k: int) -> list[ExpertSpec]:
@@ -47,8 +47,10 @@ def build(experts: str, fusion: str, k: int, classes: int, runtime: Runtime):
     width = fusion_width([e.num_features for e in members])
     model = MCN(members, create_fusion(fusion, len(members), width), classes, width)
     forward = runtime.prepare(model)
-    opt = model.configure_optimizers(
-        {"name": "adamw", "weight_decay": 1e-4}, 1e-4, 1e-3, fused=True if runtime.fused_optimizer else None
+    opt = optimizer_from_config(
+        {"name": "adamw", "weight_decay": 1e-4},
+        model.param_groups(1e-4, 1e-3),
+        fused=True if runtime.fused_optimizer else None,
     )
     return model, forward, opt
 

@@ -13,6 +13,7 @@ line's overrides, so `mcn.experts` / `mcn.train` on Slurm give the same runs.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import hydra
@@ -20,17 +21,19 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mcn.cli import hydra_command, log, one_line_errors
-from mcn.config import config_changes, expert_specs, resolved
+from mcn.cli import hydra_command, one_line_errors
 from mcn.data.prepare import PreparedData, prepare_data
 from mcn.errors import MCNError
-from mcn.evaluate import report
+from mcn.evaluation.report import write_report
+from mcn.evaluation.summary import collect_runs
 from mcn.files import load_file, pretrained_expert_path
 from mcn.models import ExpertSpec
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe, apply_family_recipe, check_pretrained_expert
 from mcn.recipes.fusion import FusionRecipe
-from mcn.reports import collect_runs
+from mcn.training.config import config_changes, expert_specs, resolved
+
+log = logging.getLogger(__name__)
 
 
 def expert_is_current(path: Path, index: int, spec: ExpertSpec, cfg: DictConfig, data: PreparedData) -> bool:
@@ -58,7 +61,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], output_dir: str | Path) 
     for seed in cfg.pipeline.seeds:
         seeded = [*overrides, f"seed={seed}"]
         run_seed(compose("train", overrides=seeded), seeded, out / f"seed_{seed}")
-    markdown, paths = report(out, out / "summary.csv")
+    markdown, paths = write_report(out, out / "summary.csv")
     log.info("the study over seeds %s (%s):\n%s", list(cfg.pipeline.seeds), ", ".join(map(str, paths)), markdown)
     return collect_runs(out)
 

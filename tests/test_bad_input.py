@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from mcn.errors import CheckpointError, ConfigError, DataError
-from mcn.files import make_checkpoint, save_torch
+from mcn.files import read_status, save_component
 from mcn.models import create_expert
-from mcn.status import read_status
 from mcn.train import run
 
-from conftest import compose_cfg, run_cli
+from helpers import compose_cfg, run_cli
 
 
 def written_checkpoints(out):
@@ -69,17 +68,14 @@ def save_pretrained(directory, preset, k, **fields):
     directory.mkdir(exist_ok=True)
     for i in range(k):
         expert = create_expert(preset, 10, 1)
-        save_torch(
-            make_checkpoint(
-                "expert",
-                expert,
-                {"preset": preset, **expert.architecture},
-                5,
-                index=i,
-                config={"data": {"name": "digits"}},
-                **fields,
-            ),
+        save_component(
             directory / f"best_wrn_expert_{i}.pth",
+            "expert",
+            expert,
+            5,
+            index=i,
+            config={"data": {"name": "digits"}},
+            **fields,
         )
 
 

@@ -1,4 +1,4 @@
-"""Baselines and calibration (mcn.baselines) against values computed here by hand."""
+"""Baselines and calibration (mcn.evaluation.baselines) against values computed here by hand."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mcn.baselines import STACKING_C, calibration, expert_baselines, reliability
 from mcn.errors import MCNError
+from mcn.evaluation.baselines import STACKING_C, calibration, expert_baselines, reliability
 
 
 def overconfident_parts(k=4, classes=10, sizes=(1500, 600, 800), scale=3.0, seed=0):

@@ -10,14 +10,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mcn import components
+from mcn.components import main as components_main
 from mcn.errors import CheckpointError, ConfigError, MCNError
 from mcn.evaluate import main as evaluate_main
-from mcn.files import load_file
-from mcn.status import RunStatus
+from mcn.evaluation import components
+from mcn.files import RunStatus, load_file
 from mcn.train import run
 
-from conftest import accuracy, compose_cfg, plain_test_predictions
+from helpers import accuracy, compose_cfg, plain_test_predictions
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_list_finds_every_component_with_its_epoch(sweep):
 
 def test_cli_list_prints_a_table(sweep, capsys):
     folder, _ = sweep[1][0]
-    assert components.main(["--checkpoint_dir", str(folder), "--action", "list"]) == 0
+    assert components_main(["--checkpoint_dir", str(folder), "--action", "list"]) == 0
     out = capsys.readouterr().out
     assert "global_head" in out and "experts/expert_3_epoch_4.pth" in out
 
@@ -78,7 +78,7 @@ def test_load_complete_equals_the_recorded_accuracy(sweep, capsys):
         == results["test_accuracy"]
     )
     assert (
-        components.main(
+        components_main(
             ["--checkpoint_dir", str(folder), "--action", "load_complete", "--fusion_type", "multiplicative"]
         )
         == 0

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from mcn.models import create_fusion, list_experts, list_fusions
 from mcn.recipes.fusion import fusion_arguments
 
-from conftest import CONF, compose_cfg, run_cli
+from helpers import CONF, compose_cfg, run_cli
 
 GROUPS = ["data", "split", "expert", "fusion", "optim", "trainer", "pretrain", "logger", "paths", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]

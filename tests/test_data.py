@@ -131,7 +131,7 @@ def test_pretraining_batches_use_the_configured_augmentation(tmp_path):
 
     from mcn.recipes.expert import ExpertRecipe
 
-    from conftest import compose_cfg
+    from helpers import compose_cfg
 
     recipe = ExpertRecipe(
         compose_cfg(tmp_path, ["pretrain.augment.randaugment=[2,9]", "pretrain.augment.random_erasing=0.3"]), tmp_path

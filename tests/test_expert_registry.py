@@ -17,7 +17,7 @@ from mcn.models import (
     list_experts,
 )
 
-from conftest import cpu_runtime
+from helpers import cpu_runtime
 
 TIMM_TEST_MODEL = "test_resnet"  # a real timm architecture, tiny (0.4 M parameters)
 TINY = ["wrn10_1", "preact_resnet_tiny", "densenet_tiny", "resnext_tiny", f"timm/{TIMM_TEST_MODEL}"]

@@ -17,7 +17,7 @@ from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
 from mcn.train import run
 
-from conftest import CONF, compose_cfg, run_cli
+from helpers import CONF, compose_cfg, run_cli
 
 QUICK_EXPERT = ["pretrain.epochs=2", "trainer.save_every=1"]
 

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 from mcn.data.datasets import DEBIAN_FASHION_MNIST
-from mcn.files import TEMP_PATTERN, read_csv
+from mcn.files import TEMP_PATTERN, read_csv, read_status
 from mcn.models import create_expert, list_fusions
-from mcn.status import read_status
 
-from conftest import pretrain_experts, run_cli
+from helpers import pretrain_experts, run_cli
 
 QUICK = ["experiment=quickstart", "logger=none", "trainer.progress_bar=false"]
 

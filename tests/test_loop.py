@@ -4,15 +4,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import mcn.loop as loop
-from mcn.config import config_changes, resume_changes
+import mcn.training.loop as loop
 from mcn.errors import CheckpointError, ConfigError
-from mcn.files import FusionRunFiles, save_torch
-from mcn.loop import EpochLoop, Objective
-from mcn.reports import CsvReport
-from mcn.tracking import RunTracker
+from mcn.files import EpochCsv, FusionRunFiles, save_torch
+from mcn.training.config import config_changes, resume_changes
+from mcn.training.loop import EpochLoop, Objective
+from mcn.training.tracking import RunTracker
 
-from conftest import cpu_runtime
+from helpers import cpu_runtime
 
 
 class ScriptedRecipe:
@@ -25,17 +24,17 @@ class ScriptedRecipe:
     def __init__(self, val_accuracy: list[float], root):
         self.val_accuracy = val_accuracy
         self.files = FusionRunFiles(root, "scripted")
-        self.model = torch.nn.Linear(2, 2)
-        self.forward = self.model
+        self.raw_model = torch.nn.Linear(2, 2)
+        self.model = self.raw_model
         self.objective = Objective.single(torch.device("cpu"))
-        self.optimizer = torch.optim.SGD([{"params": self.model.parameters(), "lr": 0.1, "role": "lr"}])
+        self.optimizer = torch.optim.SGD([{"params": self.raw_model.parameters(), "lr": 0.1, "role": "lr"}])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.runtime = cpu_runtime()
         self.train_batches = [(torch.randn(4, 2), torch.randint(0, 2, (4,)))]
         self.val_batches = []
         self.generators = []
         self.config = {"loss": {"alpha": 1.0}}
-        self.report = CsvReport(root / "report.csv", ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
+        self.report = EpochCsv(root / "report.csv", ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
         self.tracker = RunTracker(OmegaConf.create({"logger": {"name": "none", "mode": "disabled"}}), None, "", None)
         self.best, self.saved = [], []
 

@@ -9,16 +9,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mcn import components
-from mcn.config import expert_specs
+from mcn.components import main as components_main
 from mcn.errors import CheckpointError, ConfigError
+from mcn.evaluation import components
 from mcn.files import load_checkpoint
 from mcn.models import MCN, ExpertSpec, create_fusion, fusion_width, list_fusions
 from mcn.pipeline import run_pipeline
 from mcn.recipes.expert import apply_family_recipe
 from mcn.train import run
+from mcn.training.config import expert_specs
+from mcn.training.optim import optimizer_from_config
 
-from conftest import CONF, TINY, accuracy, compose_cfg, plain_test_predictions
+from helpers import CONF, TINY, accuracy, compose_cfg, plain_test_predictions
 
 MIXED = ["wrn10_1", "preact_resnet_tiny", "densenet_tiny", "timm/test_resnet"]  # feature widths 64, 128, 48, 96
 PRESETS = f"experts.presets=[{','.join(MIXED)}]"
@@ -47,7 +49,7 @@ def test_adapters_bring_every_expert_to_the_fusion_width():
 
 def test_adapters_train_at_head_lr_with_the_fusion():
     model = mixed_mcn()
-    opt = model.configure_optimizers({"name": "adamw", "weight_decay": 1e-4}, 1e-4, 1e-3)
+    opt = optimizer_from_config({"name": "adamw", "weight_decay": 1e-4}, model.param_groups(1e-4, 1e-3))
     role = {id(p): g["role"] for g in opt.param_groups for p in g["params"]}
     assert {role[id(p)] for p in model.adapters.parameters()} == {"head_lr"}
     assert {role[id(p)] for p in model.experts.parameters()} == {"base_lr"}
@@ -179,9 +181,9 @@ def test_reconstruct_reproduces_the_mixed_run_exactly(mixed_pipeline, capsys):
     assert accuracy(global_logits, labels) == results["test_accuracy"]
     whole = components.load_complete(run_dir)
     assert components.evaluate_model(whole, run_dir)["global_accuracy"] == results["test_accuracy"]
-    assert components.main(["--checkpoint_dir", str(run_dir), "--action", "reconstruct"]) == 0
+    assert components_main(["--checkpoint_dir", str(run_dir), "--action", "reconstruct"]) == 0
     assert f"test accuracy: {results['test_accuracy']:.4f}" in capsys.readouterr().out
-    assert components.main(["--checkpoint_dir", str(run_dir), "--action", "list"]) == 0
+    assert components_main(["--checkpoint_dir", str(run_dir), "--action", "list"]) == 0
     listing = capsys.readouterr().out
     assert "densenet_tiny" in listing and "timm/test_resnet" in listing
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mcn.loop import stacked_logits, weighted_cross_entropy
 from mcn.models import MCN, create_expert, create_fusion
-from mcn.optim import cosine_schedule, input_width_lrs
+from mcn.training.loop import stacked_logits, weighted_cross_entropy
+from mcn.training.optim import cosine_schedule, input_width_lrs, optimizer_from_config
 
 
 def tiny_mcn(k=3):
@@ -25,7 +25,7 @@ def max_change(module, before):
 def test_one_adamw_step_moves_each_group_at_its_rate():
     mcn = tiny_mcn()
     base_lr, head_lr = 1e-5, 1e-3
-    opt = mcn.configure_optimizers({"name": "adamw", "weight_decay": 0.0}, base_lr, head_lr)
+    opt = optimizer_from_config({"name": "adamw", "weight_decay": 0.0}, mcn.param_groups(base_lr, head_lr))
     experts0, fusion0, head0 = snapshot(mcn.experts), snapshot(mcn.fusion), snapshot(mcn.global_head)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     loss = weighted_cross_entropy(stacked_logits(mcn(x)), y, torch.ones(4))
@@ -42,7 +42,7 @@ def test_one_adamw_step_moves_each_group_at_its_rate():
 
 def test_parameter_groups_cover_every_parameter_once():
     mcn = tiny_mcn()
-    opt = mcn.configure_optimizers({"name": "sgd", "weight_decay": 5e-4}, 0.01, 0.1)
+    opt = optimizer_from_config({"name": "sgd", "weight_decay": 5e-4}, mcn.param_groups(0.01, 0.1))
     grouped = [p for g in opt.param_groups for p in g["params"]]
     assert len(grouped) == len(set(map(id, grouped))) == len(list(mcn.parameters()))
     for g in opt.param_groups:
@@ -53,7 +53,7 @@ def test_parameter_groups_cover_every_parameter_once():
 
 def test_unknown_optimiser():
     with pytest.raises(Exception, match="unknown optimiser 'lamb'"):
-        tiny_mcn().configure_optimizers({"name": "lamb", "weight_decay": 0.0}, 1e-3, 1e-3)
+        optimizer_from_config({"name": "lamb", "weight_decay": 0.0}, tiny_mcn().param_groups(1e-3, 1e-3))
 
 
 def test_dual_path_loss_is_global_plus_alpha_times_expert_sum():

@@ -6,17 +6,17 @@ import signal
 import pytest
 import torch
 
-import mcn.loop as loop
-from mcn import components
+import mcn.training.loop as loop
+from mcn.evaluation import components
 from mcn.files import load_checkpoint, read_csv
-from mcn.loop import Distillation, Objective, stacked_logits, weighted_cross_entropy
 from mcn.models import MCN, ExpertStack, create_expert, create_fusion
 from mcn.models.mcn import drop_experts
-from mcn.optim import cosine_schedule
 from mcn.recipes import run_recipe
 from mcn.train import run
+from mcn.training.loop import Distillation, Objective, stacked_logits, weighted_cross_entropy
+from mcn.training.optim import cosine_schedule
 
-from conftest import CONF, compose_cfg, cpu_runtime, pretrain_experts
+from helpers import CONF, compose_cfg, cpu_runtime, pretrain_experts
 
 CPU = cpu_runtime()
 
@@ -150,7 +150,7 @@ def test_distillation_teacher_is_the_pretrained_experts_and_stays_frozen(tmp_pat
     pretrained = load_checkpoint(experts_dir / "best_wrn_expert_1.pth")["state_dict"]
     teacher = recipe.objective.distillation.teacher.experts[1].state_dict()
     assert all(torch.equal(teacher[k], pretrained[k]) for k in pretrained)
-    student = recipe.model.experts[1].state_dict()
+    student = recipe.raw_model.experts[1].state_dict()
     assert any(not torch.equal(student[k], pretrained[k]) for k in pretrained if student[k].is_floating_point())
 
 

@@ -7,12 +7,12 @@ import signal
 
 import pytest
 
-import mcn.loop as loop
+import mcn.training.loop as loop
 from mcn.errors import ConfigError
-from mcn.status import read_status
+from mcn.files import read_status
 from mcn.train import run
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 RUN = ["trainer.epochs=4", "trainer.save_every=2", "trainer.deterministic=true"]
 

@@ -15,17 +15,18 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from mcn import robustness as R
 from mcn.data.datasets import DEBIAN_FASHION_MNIST, load_dataset
-from mcn.files import FusionRunFiles
+from mcn.errors import MCNError
+from mcn.evaluation import robustness as R
+from mcn.evaluation.summary import collect_runs
+from mcn.files import FusionRunFiles, RunStatus
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
-from mcn.reports import collect_runs
-from mcn.runtime import Runtime
-from mcn.status import RunStatus
+from mcn.robustness import main as robustness_main
 from mcn.train import run
+from mcn.training.runtime import Runtime
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 # torchvision 0.29 deprecates its JPEG codec (behind TF.jpeg) in favour of TorchCodec; the op still works
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -94,9 +95,9 @@ def test_reference_noise_grows_with_sigma_and_is_clamped(images):
 
 def test_bad_corruption_requests():
     x = torch.rand(2, 1, 8, 8)
-    with pytest.raises(R.MCNError, match="unknown corruption 'fog'; known: gaussian_noise"):
+    with pytest.raises(MCNError, match="unknown corruption 'fog'; known: gaussian_noise"):
         R.corrupt(x, "fog", 1)
-    with pytest.raises(R.MCNError, match="severity 6 of jpeg: choose 0 \\(none\\) to 5"):
+    with pytest.raises(MCNError, match="severity 6 of jpeg: choose 0 \\(none\\) to 5"):
         R.corrupt(x, "jpeg", 6)
 
 
@@ -179,7 +180,7 @@ def robustness_output(sweep):
     root, _ = sweep
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert R.main([str(root)]) == 0
+        assert robustness_main([str(root)]) == 0
     return out.getvalue()
 
 
@@ -269,7 +270,7 @@ def test_missing_pretrained_files_and_changed_records_are_said(sweep, robustness
     saved["experts_from"] = [str(tmp_path / f"gone_{i}.pth") for i in range(4)]
     saved["test_accuracy"] = 0.0
     files.results.write_text(json.dumps(saved))
-    out = R.evaluate_run(files)
+    out = R.measure_run(files)
     assert out["notes"][0] == f"pretrained experts skipped: checkpoint {tmp_path / 'gone_0.pth'} does not exist"
     true_accuracy = results["multiplicative"]["test_accuracy"]
     assert out["mismatches"] == [
@@ -286,7 +287,7 @@ def test_bad_folders_end_with_one_line(tmp_path, capsys):
         (tmp_path, f"no finished fusion runs under {tmp_path}"),
     ]:
         with pytest.raises(SystemExit) as exit_:
-            R.main([str(folder)])
+            robustness_main([str(folder)])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"mcn: error: {message}")

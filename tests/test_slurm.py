@@ -20,7 +20,7 @@ import pytest
 
 from mcn.train import run
 
-from conftest import ROOT, compose_cfg, pretrain_experts
+from helpers import ROOT, compose_cfg, pretrain_experts
 
 
 def cluster_up() -> bool:

@@ -5,11 +5,11 @@ import torch
 
 from mcn.data import TensorBatches
 from mcn.errors import ConfigError
-from mcn.loop import Objective, evaluate
 from mcn.models import MCN, create_expert, create_fusion
-from mcn.runtime import Runtime
+from mcn.training.loop import Objective, evaluate
+from mcn.training.runtime import Runtime
 
-from conftest import ROOT, compose_cfg, cpu_runtime
+from helpers import ROOT, compose_cfg, cpu_runtime
 
 
 def test_gpu_defaults_pick_the_fast_path(tmp_path):
@@ -69,7 +69,7 @@ def test_one_forward_per_batch_gives_every_metric():
 
 
 def test_bf16_training_run_on_cpu(tmp_path):
-    from mcn import components
+    from mcn.evaluation import components
     from mcn.train import run
 
     cfg = compose_cfg(tmp_path, ["trainer.precision=bf16", "trainer.channels_last=true", "trainer.epochs=1"])

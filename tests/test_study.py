@@ -1,4 +1,4 @@
-"""The study report (mcn.study, mcn.evaluate) on synthetic study folders with known per-seed results, checked
+"""The study report (mcn.evaluation.study, mcn.evaluate) on synthetic study folders with known per-seed results, checked
 against statistics computed here by hand (numpy, the t distribution's closed forms), not through scipy."""
 
 import copy
@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from mcn.baselines import BASELINES, reliability
-from mcn.files import FusionRunFiles, write_csv, write_json
-from mcn.reports import collect_runs
-from mcn.status import RunStatus
-from mcn.study import compare, make_study
+from mcn.evaluation.baselines import BASELINES, reliability
+from mcn.evaluation.study import compare, make_study
+from mcn.evaluation.summary import collect_runs
+from mcn.files import FusionRunFiles, RunStatus, write_csv, write_json
 
-from conftest import run_cli
+from helpers import run_cli
 
 T_975_DOF4 = 2.7764451051977987  # the 97.5 % quantile of Student's t with 4 degrees of freedom (tables)
 CONFIG = {
@@ -258,7 +257,7 @@ def test_verdicts_without_spread_or_pairs():
 
 
 def test_labels_name_what_a_group_changes_from_the_common_setting():
-    from mcn.study import _label
+    from mcn.evaluation.study import _label
 
     base = {"model.ensemble_start": False, "loss.distill_weight": 0.0}
     ensemble, distill = base | {"model.ensemble_start": True}, base | {"loss.distill_weight": 0.1}

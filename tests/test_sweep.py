@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from mcn.files import SweepFiles
-from mcn.status import RunStatus
-from mcn.sweep import Sweep, SweepJob, look, main, status_table
+from mcn.cluster.jobs import job_states, status_table
+from mcn.cluster.manifest import Sweep, SweepJob
+from mcn.files import RunStatus, SweepFiles
+from mcn.sweep import main
 
-from conftest import run_cli
+from helpers import run_cli
 
 LOCAL = ["experiment=quickstart", "logger=none", "trainer.progress_bar=false", "trainer.epochs=1"]
 
@@ -44,7 +45,7 @@ def test_states_come_from_the_run_folders_without_slurm(tmp_path, monkeypatch):
     (logs / "7_3_0_result.pkl").write_bytes(b"")
     (logs / "7_3_0_log.err").write_text("Traceback (most recent call last):\n  ...\nImportError: no module named x\n")
 
-    views, from_slurm = look(Sweep.open(tmp_path))
+    views, from_slurm = job_states(Sweep.open(tmp_path))
     assert not from_slurm
     assert [v.state for v in views] == ["RUNNING", "COMPLETED", "FAILED", "FAILED", "UNSUBMITTED"]
     assert [v.needs_submit for v in views] == [False, False, True, True, True]

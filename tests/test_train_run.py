@@ -8,12 +8,12 @@ import torch
 
 from mcn.data.prepare import make_batches, prepare_data
 from mcn.files import load_checkpoint
-from mcn.loop import Objective, evaluate
 from mcn.models import MCN, create_expert, create_fusion
-from mcn.runtime import Runtime
 from mcn.train import run
+from mcn.training.loop import Objective, evaluate
+from mcn.training.runtime import Runtime
 
-from conftest import accuracy, compose_cfg, plain_test_predictions, run_cli
+from helpers import accuracy, compose_cfg, plain_test_predictions, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_quickstart_sweep_through_the_local_launcher(tmp_path):
 
 
 def test_summary_row_says_how_much_of_the_oracle_gap_the_fusion_used(finished_run):
-    from mcn.reports import collect_runs
+    from mcn.evaluation.summary import collect_runs
 
     _, out, results = finished_run
     (row,) = collect_runs(out)

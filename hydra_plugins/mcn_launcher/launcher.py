@@ -4,7 +4,7 @@ retried and relaunched in place (mcn.sweep), and says why in one line when it ca
 - Slurm: the jobs go out as arrays no larger than the cluster's MaxArraySize, the command prints the array
   ids, the sweep folder and the `python -m mcn.sweep` commands and returns; hydra.launcher.wait=true waits
   for the jobs instead (submitit's behaviour). The local launcher always waits.
-- Every sweep keeps a manifest in its folder (mcn.sweep.Sweep). Launching into a sweep folder that has one
+- Every sweep keeps a manifest in its folder (mcn.cluster.manifest.Sweep). Launching into a sweep folder that has one
   (the same sweep.name, or hydra.sweep.dir) skips the jobs whose run is done and, on Slurm, those still
   queued or running; the others start again in their own folders, where they resume from train_state.pth.
 - no `sbatch` on the PATH: name `hydra/launcher=local` instead of a traceback;
@@ -29,8 +29,10 @@ from omegaconf import OmegaConf, open_dict
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from mcn.cli import fail as _fail
+from mcn.cluster.jobs import JobState, job_states, submitted_message
+from mcn.cluster.manifest import Sweep
+from mcn.cluster.slurm import last_error_line, max_array_size
 from mcn.errors import MCNError
-from mcn.sweep import JobView, Sweep, last_error_line, look, max_array_size, submitted_message
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ ConfigStore.instance().store(group="hydra/launcher", name="mcn_slurm", node=MCNS
 class _SweepLauncher(BaseSubmititLauncher):
     """What both launchers share: the manifest, skipping finished jobs, submitting in arrays, waiting."""
 
-    def skip(self, view: JobView) -> bool:
+    def skip(self, view: JobState) -> bool:
         """A relaunch skips the jobs whose run is done (a local sweep's jobs run nowhere else)."""
         return view.done
 
@@ -77,7 +79,7 @@ class _SweepLauncher(BaseSubmititLauncher):
         return None
 
     def submit(self, sweep, jobs: list, singletons: dict) -> list:
-        """Submit `jobs` (mcn.sweep.SweepJob) in arrays of at most `array_size()`; their job ids go to the
+        """Submit `jobs` (mcn.cluster.manifest.SweepJob) in arrays of at most `array_size()`; their job ids go to the
         manifest as each array is accepted."""
         from submitit.core.utils import FailedJobError
 
@@ -116,7 +118,7 @@ class _SweepLauncher(BaseSubmititLauncher):
             sweep.add(num, list(overrides), self.job_folder(num, list(overrides)))
             for num, overrides in enumerate(job_overrides, initial_job_idx)
         ]
-        views, _ = look(sweep, jobs)
+        views, _ = job_states(sweep, jobs)
         skipped = [v for v in views if self.skip(v)]
         todo = [v.job for v in views if not self.skip(v)]
         for v in views:
@@ -132,7 +134,7 @@ class _SweepLauncher(BaseSubmititLauncher):
         submitted = self.submit(sweep, todo, singletons)
         return self.results(submitted, todo, skipped, sweep_dir)
 
-    def results(self, submitted: list, jobs: list, skipped: list[JobView], sweep_dir: Path) -> list:
+    def results(self, submitted: list, jobs: list, skipped: list[JobState], sweep_dir: Path) -> list:
         """Wait for every job; a job that failed or ended without a result is one line, then the exit."""
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
@@ -162,14 +164,14 @@ class MCNSlurmLauncher(_SweepLauncher):
         super().__init__(**params)
         self.wait = wait  # a hydra.launcher key of ours, not an sbatch parameter
 
-    def skip(self, view: JobView) -> bool:
+    def skip(self, view: JobState) -> bool:
         """Done, or still queued or running."""
         return not view.needs_submit
 
     def array_size(self) -> int | None:
         return max_array_size()
 
-    def results(self, submitted: list, jobs: list, skipped: list[JobView], sweep_dir: Path) -> list:
+    def results(self, submitted: list, jobs: list, skipped: list[JobState], sweep_dir: Path) -> list:
         """Say what was submitted and how to follow it; wait only with hydra.launcher.wait=true."""
         print(submitted_message(sweep_dir, [j.job_id for j in submitted], skipped), flush=True)
         return super().results(submitted, jobs, skipped, sweep_dir) if self.wait else []

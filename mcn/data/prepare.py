@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -13,7 +14,9 @@ from mcn import distributed
 from mcn.data.datasets import ImageSet, load_dataset
 from mcn.data.loader import TensorBatches, soft_targets
 from mcn.data.splits import Split, SplitSpec, prepare_split
-from mcn.runtime import Runtime
+
+if TYPE_CHECKING:  # a type only: the data layer sits below training
+    from mcn.training.runtime import Runtime
 
 
 @dataclass

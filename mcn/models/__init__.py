@@ -3,8 +3,8 @@
 Importing this package registers every expert family and fusion type."""
 
 from mcn.models import densenet, preact_resnet, resnext, timm_expert  # noqa: F401  (registers them)
-from mcn.models.fusion import create_fusion, list_fusions, register_fusion
-from mcn.models.mcn import MCN, ExpertStack, build_fusion, build_mcn, fusion_width
+from mcn.models.fusion import build_fusion, create_fusion, list_fusions, register_fusion
+from mcn.models.mcn import MCN, ExpertStack, build_mcn, fusion_width
 from mcn.models.registry import (
     ExpertSpec,
     build_expert,

@@ -34,16 +34,25 @@ def list_fusions() -> list[str]:
 
 
 def create_fusion(name: str, num_experts: int, input_dim: int, **kwargs) -> nn.Module:
-    """Build a registered fusion; `None` kwargs are dropped so one config schema serves every type."""
+    """Build a registered fusion; `None` kwargs are dropped so one config schema serves every type. The module
+    records what rebuilds it, `architecture` = {"name", "num_experts", "input_dim", **kwargs} (`build_fusion`)."""
     if name not in _FUSIONS:
         raise ConfigError(
             f"unknown fusion type {name!r}; known: {', '.join(list_fusions())} (set fusion=<one of them>)"
         )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        return _FUSIONS[name](num_experts=num_experts, input_dim=input_dim, **kwargs)
+        fusion = _FUSIONS[name](num_experts=num_experts, input_dim=input_dim, **kwargs)
     except TypeError as e:  # a config key the constructor does not take
         raise ConfigError(f"fusion {name!r} does not accept {sorted(kwargs)}: {e}") from None
+    fusion.architecture = {"name": name, "num_experts": num_experts, "input_dim": input_dim, **kwargs}
+    return fusion
+
+
+def build_fusion(architecture: dict) -> nn.Module:
+    """The inverse of `fusion.architecture` (as a checkpoint records it)."""
+    kwargs = {k: v for k, v in architecture.items() if k != "name"}
+    return create_fusion(architecture["name"], **kwargs)
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -52,6 +61,9 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Seque
 
 class _Fusion(nn.Module):
     """Shared parts: per-expert LayerNorms and the output MLP `M`."""
+
+    # parameters saved under an earlier name (files written before mcn 0.2), read back under today's
+    renamed_keys = {"expert_logits": "mix_weights"}
 
     def __init__(
         self,
@@ -106,11 +118,11 @@ class MultiplicativeAdditionFusion(_Fusion):
 
     def __init__(self, num_experts: int, input_dim: int, hidden_dim: int | None = None, dropout: float = 0.2):
         super().__init__(num_experts, input_dim, hidden_dim, dropout)
-        self.expert_logits = nn.Parameter(torch.ones(num_experts))
+        self.mix_weights = nn.Parameter(torch.ones(num_experts))  # theta: one logit per expert
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         normed = self.normed(features)
-        weights = self.expert_logits.softmax(0).to(normed.dtype)
+        weights = self.mix_weights.softmax(0).to(normed.dtype)
         return self.mlp(normed.prod(dim=1) + torch.einsum("bkd,k->bd", normed, weights))
 
 
@@ -120,10 +132,10 @@ class SimpleAdditionFusion(_Fusion):
 
     def __init__(self, num_experts: int, input_dim: int, hidden_dim: int | None = None, dropout: float = 0.2):
         super().__init__(num_experts, input_dim, hidden_dim, dropout, layer_norms=False)
-        self.expert_logits = nn.Parameter(torch.ones(num_experts))
+        self.mix_weights = nn.Parameter(torch.ones(num_experts))  # theta: one logit per expert
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        weights = self.expert_logits.softmax(0).to(features.dtype)
+        weights = self.mix_weights.softmax(0).to(features.dtype)
         return self.mlp(torch.einsum("bkd,k->bd", self.checked(features), weights))
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mcn.errors import ConfigError
-from mcn.models.fusion import create_fusion
+from mcn.models.fusion import build_fusion
 from mcn.models.registry import build_expert
-from mcn.optim import optimizer_from_config
 
 
 class ExpertStack(nn.Module):
@@ -70,7 +67,7 @@ class MCN(nn.Module):
     Linear(d_k, width) trained with the fusion (identity where d_k == width).
     Training options: `ensemble_start` (see GlobalHead), `expert_dropout` (see drop_experts), and
     `experts_frozen`, set per epoch by the recipe, which keeps the experts in eval mode (their learning
-    rate is 0 then: see mcn.optim.cosine_schedule).
+    rate is 0 then: see mcn.training.optim.cosine_schedule).
     """
 
     def __init__(
@@ -123,6 +120,16 @@ class MCN(nn.Module):
         return self
 
     @property
+    def architecture(self) -> dict:
+        """What rebuilds this MCN (`build_mcn`): each expert's, the fusion module's and the global head's own
+        record; the adapters follow from the experts' widths and the fusion's."""
+        return {
+            "experts": [e.architecture for e in self.experts],
+            "fusion": self.fusion.architecture,
+            "global_head": self.global_head.architecture,
+        }
+
+    @property
     def expert_widths(self) -> list[int]:
         return [e.num_features for e in self.experts]
 
@@ -136,25 +143,15 @@ class MCN(nn.Module):
             "total": count(self),
         }
 
-    def configure_optimizers(
-        self, optim: Mapping, base_lr: float, head_lr: float, *, fused: bool | None = None
-    ) -> torch.optim.Optimizer:
-        """The one place where "experts at base_lr; adapters, fusion and global head at head_lr" lives.
-        `optim`: the optimiser's config block (`optim/*.yaml`: name, weight_decay, momentum or betas)."""
+    def param_groups(self, base_lr: float, head_lr: float) -> list[tuple[str, float, list[nn.Parameter]]]:
+        """The one place where "experts at base_lr; adapters, fusion and global head at head_lr" lives:
+        `(role, lr, parameters)` groups for `mcn.training.optim.build_optimizer`."""
         head = [*self.adapters.parameters(), *self.fusion.parameters(), *self.global_head.parameters()]
-        return optimizer_from_config(
-            optim, [("base_lr", base_lr, self.experts.parameters()), ("head_lr", head_lr, head)], fused=fused
-        )
-
-
-def build_fusion(architecture: dict) -> nn.Module:
-    kwargs = {k: v for k, v in architecture.items() if k != "name"}
-    return create_fusion(architecture["name"], **kwargs)
+        return [("base_lr", base_lr, list(self.experts.parameters())), ("head_lr", head_lr, head)]
 
 
 def build_mcn(architecture: dict) -> MCN:
-    """The inverse of a complete checkpoint's `architecture`: {"experts": [...], "fusion": ..., "global_head": ...};
-    the adapters follow from the experts' widths and the fusion's."""
+    """The inverse of `MCN.architecture` (as a complete checkpoint records it)."""
     experts = [build_expert(a) for a in architecture["experts"]]
     fusion, head = architecture["fusion"], architecture["global_head"]
     return MCN(

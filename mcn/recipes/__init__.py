@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from mcn import distributed
-from mcn.cli import log
 from mcn.errors import MCNError, RunInterrupted
-from mcn.files import move_earlier_run, remove_stale_temp_files
-from mcn.status import RunStatus
+from mcn.files import RunStatus, move_earlier_run, remove_stale_temp_files
+
+log = logging.getLogger(__name__)
 
 
 def run_recipe(recipe) -> dict:
-    """setup -> train -> cleanup, with the run's state kept in its folder (`mcn.status`); the tracker is
+    """setup -> train -> cleanup, with the run's state kept in its folder (`mcn.files.run_status`); the tracker is
     closed (as failed) even when training raises."""
     root = recipe.files.root
     if recipe.cfg.trainer.resume == "never":

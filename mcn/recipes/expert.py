@@ -1,6 +1,6 @@
 """Expert pretraining recipe: one expert on its own share of the expert pool.
 
-Expert i is built from its own preset (`experts.presets[i]`, or `expert` for all; `mcn.config.expert_specs`).
+Expert i is built from its own preset (`experts.presets[i]`, or `expert` for all; `mcn.training.config.expert_specs`).
 Feature flags (`pretrain.*`):
 - `pretrain.optim`: SGD + Nesterov or AdamW, cosine schedule with warm-up, gradient clipping;
 - `pretrain.augment`: label smoothing, RandAugment (per image, costs CPU time), random erasing, CutMix
@@ -17,6 +17,7 @@ the indices it was trained on, metrics; next to it a per-epoch CSV and a JSON su
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +26,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mcn import distributed
-from mcn.cli import log
-from mcn.config import absolute_paths, expert_specs, require_fraction, require_positive, resolved
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.data.splits import Split
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files import (
+    EpochCsv,
     ExpertRunFiles,
     check_checkpoint,
     load_checkpoint,
-    make_checkpoint,
+    save_component,
     save_torch,
     write_bytes,
     write_json,
 )
-from mcn.loop import EpochLoop, Objective, evaluate
 from mcn.models import ExpertSpec
-from mcn.optim import optimizer_from_config, schedule_from_config
-from mcn.reports import CsvReport
-from mcn.runtime import Runtime, seed_everything, stream_seeds
-from mcn.tracking import RunTracker
+from mcn.training.config import absolute_paths, expert_specs, require_fraction, require_positive, resolved
+from mcn.training.loop import EpochLoop, Objective, evaluate
+from mcn.training.optim import optimizer_from_config, schedule_from_config
+from mcn.training.runtime import Runtime, seed_everything, stream_seeds
+from mcn.training.tracking import RunTracker
+
+log = logging.getLogger(__name__)
 
 
 def check_pretrained_expert(obj: Any, path: Path, index: int, architecture: dict, data_name: str, split: Split) -> dict:
@@ -141,8 +143,8 @@ class ExpertRecipe:
         self.runtime = Runtime.from_config(cfg.trainer)
         self.data = prepare_data(cfg)
         train = self.data.train
-        self.model = self.spec.build(train.num_classes, train.in_channels, tuple(train.images.shape[-2:]))
-        self.forward = self.runtime.prepare(self.model)
+        self.raw_model = self.spec.build(train.num_classes, train.in_channels, tuple(train.images.shape[-2:]))
+        self.model = self.runtime.prepare(self.raw_model)
         self.augmentation = training_augmentation(cfg.pretrain.augment, self.data.train.num_classes, augment_seed)
         self._setup_batches()
         self._setup_optimizer()
@@ -204,7 +206,7 @@ class ExpertRecipe:
         optim = self.cfg.pretrain.optim
         self.optimizer = optimizer_from_config(
             optim,
-            [("lr", optim.lr, self.model.parameters())],
+            [("lr", optim.lr, self.raw_model.parameters())],
             fused=True if self.runtime.fused_optimizer else None,
             config_key="pretrain.optim.name",
         )
@@ -213,7 +215,7 @@ class ExpertRecipe:
 
     def _setup_outputs(self) -> None:
         self.files.root.mkdir(parents=True, exist_ok=True)
-        self.report = CsvReport(self.files.report, ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
+        self.report = EpochCsv(self.files.report, ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
         self.tracker = RunTracker(self.cfg, self.files.root, f"expert_{self.index}", self.files.tracker_id)
 
     # ------------------------------------------------------------------ train
@@ -222,16 +224,17 @@ class ExpertRecipe:
         return self.finish(best, epochs_run, seconds)
 
     # ------------------------------------------------------------------ save
-    def checkpoint(self, epoch: int, metrics: dict) -> dict:
-        return make_checkpoint(
+    def _save(self, path: Path, epoch: int, metrics: dict) -> None:
+        """The expert with what the fusion stage checks before it starts from it (`check_pretrained_expert`)."""
+        save_component(
+            path,
             "expert",
-            self.model,
-            self.model.architecture,
+            self.raw_model,
             epoch,
             index=self.index,
             stage="pretrain",
             family=self.spec.family,
-            num_features=self.model.num_features,
+            num_features=self.raw_model.num_features,
             split_hash=self.data.split.hash,
             train_indices=torch.as_tensor(self.train_indices),
             metrics=metrics,
@@ -242,17 +245,17 @@ class ExpertRecipe:
         pass
 
     def save_best(self, epoch: int, val: dict) -> None:
-        save_torch(self.checkpoint(epoch, val), self.files.best)
+        self._save(self.files.best, epoch, val)
 
     def save_checkpoint(self, epoch: int, val: dict) -> None:
-        save_torch(self.checkpoint(epoch, val), self.files.last)
+        self._save(self.files.last, epoch, val)
 
     def finish(self, best: dict, epochs_run: int, seconds: float) -> dict:
         """Test the best epoch once, then publish it (with its CSV and JSON) to the experts folder."""
         distributed.barrier()  # rank 0 has written it
         ckpt = load_checkpoint(self.files.best, component="expert")
-        self.model.load_state_dict(ckpt["state_dict"])
-        test = evaluate(self.forward, self.test_batches, self.objective, self.runtime)
+        self.raw_model.load_state_dict(ckpt["state_dict"])
+        test = evaluate(self.model, self.test_batches, self.objective, self.runtime)
         self.report.add({"phase": "test", "epoch": best["epoch"], **test, "elapsed_s": round(seconds, 2)})
         results = {
             "index": self.index,
@@ -266,7 +269,7 @@ class ExpertRecipe:
             "split_scheme": self.cfg.split.scheme,
             "epochs_run": epochs_run,
             "wall_time_s": round(seconds, 2),
-            "parameters": sum(q.numel() for q in self.model.parameters()),
+            "parameters": sum(q.numel() for q in self.raw_model.parameters()),
             "runtime": self.runtime.describe(),
         }
         ckpt["metrics"] = {**ckpt["metrics"], "test_accuracy": test["accuracy"]}

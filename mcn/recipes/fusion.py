@@ -23,36 +23,38 @@ once, at the end, with the weights of the best epoch read back from `best_comple
 from __future__ import annotations
 
 import copy
+import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from mcn import distributed
-from mcn.baselines import calibration, expert_baselines, reliability
-from mcn.cli import log
-from mcn.config import absolute_paths, expert_specs, require_fraction, require_positive, resolved
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.errors import CheckpointError, ConfigError
+from mcn.evaluation.baselines import calibration, expert_baselines, reliability
 from mcn.files import (
+    EpochCsv,
+    FusionResults,
     FusionRunFiles,
     clean_state_dict,
     extract_state_dict,
     load_checkpoint,
     load_file,
     load_weights,
-    make_checkpoint,
     pretrained_expert_path,
-    save_torch,
-    write_json,
+    save_component,
 )
-from mcn.loop import UNDEFINED, Distillation, EpochLoop, Objective, head_metrics, predict
 from mcn.models import MCN, ExpertStack, create_fusion, fusion_width, list_fusions
-from mcn.optim import input_width_lrs, schedule_from_config
 from mcn.recipes.expert import check_pretrained_expert
-from mcn.reports import CsvReport
-from mcn.runtime import Runtime, seed_everything, stream_seeds
-from mcn.tracking import RunTracker
+from mcn.training.config import absolute_paths, expert_specs, require_fraction, require_positive, resolved
+from mcn.training.loop import UNDEFINED, Distillation, EpochLoop, Objective, head_metrics, predict
+from mcn.training.optim import input_width_lrs, optimizer_from_config, schedule_from_config
+from mcn.training.runtime import Runtime, seed_everything, stream_seeds
+from mcn.training.tracking import RunTracker
+
+log = logging.getLogger(__name__)
 
 
 def fusion_arguments(fusion_cfg: DictConfig) -> dict:
@@ -99,10 +101,10 @@ class FusionRecipe:
         log.info(
             "%s: %d experts (%s, %d features), %s; %d train / %d val / %d test images; %s",
             self.fusion_type,
-            self.model.num_experts,
+            self.raw_model.num_experts,
             " + ".join(dict.fromkeys(s.label for s in self.expert_specs)),
-            self.model.num_features,
-            self.model.parameter_counts(),
+            self.raw_model.num_features,
+            self.raw_model.parameter_counts(),
             len(self.train_batches.labels),
             len(self.val_batches.labels),
             len(self.test_batches.labels),
@@ -168,7 +170,7 @@ class FusionRecipe:
         fusion = create_fusion(
             self.fusion_type, num_experts=len(experts), input_dim=width, **fusion_arguments(cfg.fusion)
         )
-        self.model = MCN(
+        self.raw_model = MCN(
             experts,
             fusion,
             classes,
@@ -178,14 +180,14 @@ class FusionRecipe:
         )
         # the pretrained experts as they came in, frozen: the teacher of ensemble distillation
         self.teacher = ExpertStack(copy.deepcopy(experts)).requires_grad_(False) if cfg.loss.distill_weight else None
-        self.forward = self.runtime.prepare(self.model)
+        self.model = self.runtime.prepare(self.raw_model)
         log.info(
             "experts %s -> fusion width %d (adapters: %s)",
-            ", ".join(f"{s.label} ({d})" for s, d in zip(self.expert_specs, self.model.expert_widths)),
+            ", ".join(f"{s.label} ({d})" for s, d in zip(self.expert_specs, self.raw_model.expert_widths)),
             width,
             ", ".join(
                 "identity" if isinstance(a, torch.nn.Identity) else f"Linear({a.in_features}, {a.out_features})"
-                for a in self.model.adapters
+                for a in self.raw_model.adapters
             ),
         )
 
@@ -208,13 +210,21 @@ class FusionRecipe:
         optim = self.cfg.optim
         base_lr, head_lr, rule = float(optim.base_lr), float(optim.head_lr), "off"
         if optim.input_width_rule:
-            base_lr, head_lr, rule = input_width_lrs(self.fusion_type, self.model.num_features, base_lr, head_lr)
+            base_lr, head_lr, rule = input_width_lrs(self.fusion_type, self.raw_model.num_features, base_lr, head_lr)
         self.lrs = {"base_lr": base_lr, "head_lr": head_lr, "input_width_rule": rule}
+        for table, where in (
+            (optim.get("rates"), f"optim/{optim.name}.yaml rates"),
+            (self.cfg.trainer.get("fusion_epochs"), "trainer/default.yaml fusion_epochs"),
+        ):
+            if table is not None and self.fusion_type not in table:
+                log.info(
+                    "%s has no entry for %s: its `default` entry applies unless overridden", where, self.fusion_type
+                )
         log.info(
             "learning rates: experts %.3g, fusion + global head %.3g (input width %d, input-width rule: %s)",
             base_lr,
             head_lr,
-            self.model.num_features,
+            self.raw_model.num_features,
             rule,
         )
 
@@ -241,8 +251,10 @@ class FusionRecipe:
 
     def _setup_optimizer(self) -> None:
         optim, frozen = self.cfg.optim, int(self.cfg.trainer.freeze_experts_epochs)
-        self.optimizer = self.model.configure_optimizers(
-            optim, self.lrs["base_lr"], self.lrs["head_lr"], fused=True if self.runtime.fused_optimizer else None
+        self.optimizer = optimizer_from_config(
+            optim,
+            self.raw_model.param_groups(self.lrs["base_lr"], self.lrs["head_lr"]),
+            fused=True if self.runtime.fused_optimizer else None,
         )
         # frozen experts: their rate is 0, then they warm up and decay over the epochs that remain
         self.scheduler = schedule_from_config(
@@ -257,7 +269,7 @@ class FusionRecipe:
             teacher = rt.prepare(self.teacher, frozen=True).eval()
             distillation = Distillation(teacher, float(loss.distill_weight), float(loss.distill_temperature), rt)
         self.objective = Objective.dual_path(
-            self.model.num_experts,
+            self.raw_model.num_experts,
             loss.alpha,
             rt.device,
             make_targets=self.augmentation.make_targets,
@@ -265,9 +277,9 @@ class FusionRecipe:
         )
 
     def _setup_outputs(self) -> None:
-        k = self.model.num_experts
+        k = self.raw_model.num_experts
         self.files.root.mkdir(parents=True, exist_ok=True)
-        self.report = CsvReport(
+        self.report = EpochCsv(
             self.files.report,
             ["phase", "epoch", "loss", "global_accuracy"]
             + [f"expert_{i}_accuracy" for i in range(k)]
@@ -278,7 +290,7 @@ class FusionRecipe:
     # ------------------------------------------------------------------ train
     def predict_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every head's logits [K + 1, N, C] and the labels: fusion training part, validation part, test set."""
-        return {part: predict(self.forward, batches, self.runtime) for part, batches in self.measured_parts.items()}
+        return {part: predict(self.model, batches, self.runtime) for part, batches in self.measured_parts.items()}
 
     def train(self) -> dict:
         # the experts as they came in, measured before fusion training: the baselines the fusion must beat
@@ -288,124 +300,101 @@ class FusionRecipe:
         return self.finish(best, epochs_run, seconds)
 
     def start_epoch(self, epoch: int) -> None:
-        self.model.experts_frozen = epoch <= self.cfg.trainer.freeze_experts_epochs
+        self.raw_model.experts_frozen = epoch <= self.cfg.trainer.freeze_experts_epochs
 
     # ------------------------------------------------------------------ save
-    def architectures(self) -> dict:
-        m = self.model
-        return {
-            "experts": [e.architecture for e in m.experts],
-            "fusion": {
-                "name": self.fusion_type,
-                "num_experts": m.num_experts,
-                "input_dim": m.num_features,
-                **{k: v for k, v in fusion_arguments(self.cfg.fusion).items() if v is not None},
-            },
-            "global_head": m.global_head.architecture,
-        }
-
     def _save_complete(self, path: Path, epoch: int, metrics: dict) -> None:
-        ckpt = make_checkpoint(
-            "complete",
-            self.model,
-            self.architectures(),
-            epoch,
-            fusion_type=self.fusion_type,
-            metrics=metrics,
-            config=self.config,
-            lrs=self.lrs,
+        m = self.raw_model
+        save_component(
+            path, "complete", m, epoch, fusion_type=self.fusion_type, metrics=metrics, config=self.config, lrs=self.lrs
         )
-        save_torch(ckpt, path)
 
     def save_best(self, epoch: int, val: dict) -> None:
         self._save_complete(self.files.complete(), epoch, val)
 
     def save_checkpoint(self, epoch: int, val: dict) -> None:
         """Every component on its own, plus the complete model, all from this one epoch."""
-        arch, files = self.architectures(), self.files
+        m, files = self.raw_model, self.files
         common = {"fusion_type": self.fusion_type, "metrics": val, "config": self.config}
-        for i, expert in enumerate(self.model.experts):
-            save_torch(
-                make_checkpoint(
-                    "expert", expert, arch["experts"][i], epoch, index=i, family=self.expert_specs[i].family, **common
-                ),
-                files.expert(i, epoch),
-            )
+        for i, (expert, spec) in enumerate(zip(m.experts, self.expert_specs)):
+            save_component(files.expert(i, epoch), "expert", expert, epoch, index=i, family=spec.family, **common)
         # the adapters train with the fusion module and travel with it: its file holds their weights
-        fusion_extras = {
-            "expert_widths": self.model.expert_widths,
-            "adapters": clean_state_dict(self.model.adapters.state_dict()),
-        }
-        save_torch(
-            make_checkpoint("fusion", self.model.fusion, arch["fusion"], epoch, **fusion_extras, **common),
-            files.fusion(epoch),
-        )
-        save_torch(
-            make_checkpoint("global_head", self.model.global_head, arch["global_head"], epoch, **common),
-            files.global_head(epoch),
-        )
+        adapters = {"expert_widths": m.expert_widths, "adapters": clean_state_dict(m.adapters.state_dict())}
+        save_component(files.fusion(epoch), "fusion", m.fusion, epoch, **adapters, **common)
+        save_component(files.global_head(epoch), "global_head", m.global_head, epoch, **common)
         self._save_complete(files.complete(epoch), epoch, val)
 
+    # ------------------------------------------------------------------ finish
     def finish(self, best: dict, epochs_run: int, train_time: float) -> dict:
-        """Test once, with the best epoch's weights as saved on disk."""
+        """Test once, with the best epoch's weights as saved on disk; write the results record."""
+        final = self._reload_best(best["epoch"])
+        test = head_metrics(*final["test"], self.objective)
+        self.report.add({"phase": "test", "epoch": best["epoch"], **test, "elapsed_s": round(train_time, 2)})
+        results = self._results(best, final, test, epochs_run, train_time)
+        results.write(self.files.results)
+        self.tracker.summary({f"test/{k}": v for k, v in test.items()} | {"best_epoch": best["epoch"]})
+        self._log_results(results)
+        return asdict(results)
+
+    def _reload_best(self, epoch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The best epoch's complete model read back (and saved as components too, if it was not), then every
+        head's predictions on each part."""
         distributed.barrier()  # rank 0 has written it
         best_ckpt = load_checkpoint(self.files.complete(), component="complete")
-        self.model.load_state_dict(best_ckpt["state_dict"])
-        if not self.files.global_head(best["epoch"]).exists():
-            self.save_checkpoint(best["epoch"], best_ckpt["metrics"])  # the best epoch as components too
-        final = self.predict_parts()
-        test = head_metrics(*final["test"], self.objective)
+        self.raw_model.load_state_dict(best_ckpt["state_dict"])
+        if not self.files.global_head(epoch).exists():
+            self.save_checkpoint(epoch, best_ckpt["metrics"])
+        return self.predict_parts()
+
+    def _results(self, best: dict, final: dict, test: dict, epochs_run: int, train_time: float) -> FusionResults:
+        k, m = self.raw_model.num_experts, self.raw_model
         pretrained = self.cfg.experts.dir is not None  # experts from scratch have no "pretrained" baselines
-        baselines = {
-            "pretrained": expert_baselines(*map(experts_of, self.initial.values())) if pretrained else None,
-            "joint": expert_baselines(*map(experts_of, final.values())),
-        }
         test_logits, test_labels = final["test"]
-        self.report.add({"phase": "test", "epoch": best["epoch"], **test, "elapsed_s": round(train_time, 2)})
-        k = self.model.num_experts
-        results = {
-            "fusion_type": self.fusion_type,
-            "best_epoch": best["epoch"],
-            "best_val_accuracy": best["val_accuracy"],
-            "test_accuracy": test["global_accuracy"],
-            "test_loss": test["loss"],
-            "expert_test_accuracy": [test[f"expert_{i}_accuracy"] for i in range(k)],
-            # undefined (null) with one expert
-            "ensemble_test_accuracy": test.get("ensemble_accuracy"),
-            "oracle_test_accuracy": test.get("oracle_accuracy"),
-            "initial_expert_test_accuracy": [self.initial_test[f"expert_{i}_accuracy"] for i in range(k)],
-            "initial_ensemble_test_accuracy": self.initial_test.get("ensemble_accuracy"),
-            "test_calibration": calibration(test_logits[0], test_labels),
-            "baselines": baselines,
-            "reliability": {
+        return FusionResults(
+            fusion_type=self.fusion_type,
+            best_epoch=best["epoch"],
+            best_val_accuracy=best["val_accuracy"],
+            test_accuracy=test["global_accuracy"],
+            test_loss=test["loss"],
+            expert_test_accuracy=[test[f"expert_{i}_accuracy"] for i in range(k)],
+            ensemble_test_accuracy=test.get("ensemble_accuracy"),  # undefined (None) with one expert
+            oracle_test_accuracy=test.get("oracle_accuracy"),
+            initial_expert_test_accuracy=[self.initial_test[f"expert_{i}_accuracy"] for i in range(k)],
+            initial_ensemble_test_accuracy=self.initial_test.get("ensemble_accuracy"),
+            test_calibration=calibration(test_logits[0], test_labels),
+            baselines={
+                "pretrained": expert_baselines(*map(experts_of, self.initial.values())) if pretrained else None,
+                "joint": expert_baselines(*map(experts_of, final.values())),
+            },
+            reliability={
                 "fusion": reliability(test_logits[0], test_labels),
                 "logit_average": reliability(self.initial["test"][0][1:].mean(0), test_labels) if pretrained else None,
             },
-            "experts_from": [s["path"] for s in self.expert_sources],
-            "parameters": self.model.parameter_counts(),
-            "learning_rates": self.lrs,
-            "epochs_planned": int(self.cfg.trainer.epochs),
-            "epochs_run": epochs_run,
-            "wall_time_s": round(train_time, 2),
-            "split_hash": self.data.split.hash,
-            "seed": int(self.cfg.seed),
-            "split_seed": int(self.cfg.split.seed),
-            "runtime": self.runtime.describe(),
-            "config": self.config,
-        }
-        write_json(self.files.results, results)
-        self.tracker.summary({f"test/{k}": v for k, v in test.items()} | {"best_epoch": best["epoch"]})
+            experts_from=[s["path"] for s in self.expert_sources],
+            parameters=m.parameter_counts(),
+            learning_rates=self.lrs,
+            epochs_planned=int(self.cfg.trainer.epochs),
+            epochs_run=epochs_run,
+            wall_time_s=round(train_time, 2),
+            split_hash=self.data.split.hash,
+            seed=int(self.cfg.seed),
+            split_seed=int(self.cfg.split.seed),
+            runtime=self.runtime.describe(),
+            config=self.config,
+        )
+
+    def _log_results(self, r: FusionResults) -> None:
         log.info(
             "%s: best epoch %d, val %.4f, test %.4f (experts %s, logit average %s; before fusion: %s)",
             self.fusion_type,
-            best["epoch"],
-            best["val_accuracy"],
-            test["global_accuracy"],
-            ", ".join(f"{a:.4f}" for a in results["expert_test_accuracy"]),
-            UNDEFINED if k == 1 else f"{test['ensemble_accuracy']:.4f}",
-            ", ".join(f"{a:.4f}" for a in results["initial_expert_test_accuracy"]),
+            r.best_epoch,
+            r.best_val_accuracy,
+            r.test_accuracy,
+            ", ".join(f"{a:.4f}" for a in r.expert_test_accuracy),
+            UNDEFINED if r.ensemble_test_accuracy is None else f"{r.ensemble_test_accuracy:.4f}",
+            ", ".join(f"{a:.4f}" for a in r.initial_expert_test_accuracy),
         )
-        for experts, per_baseline in baselines.items():
+        for experts, per_baseline in r.baselines.items():
             if per_baseline is not None:
                 log.info(
                     "%s: %s experts' baselines on test: %s",
@@ -413,7 +402,6 @@ class FusionRecipe:
                     experts,
                     ", ".join(f"{name} {v['accuracy']:.4f}" for name, v in per_baseline.items() if v is not None),
                 )
-        return results
 
     # ------------------------------------------------------------------ cleanup
     def cleanup(self, *, failed: bool = False) -> None:

@@ -12,6 +12,7 @@ report, keep the best on validation, save, resume, stop early or on a signal.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
@@ -25,12 +26,20 @@ import torch
 import torch.nn.functional as F
 
 from mcn import distributed
-from mcn.cli import log
-from mcn.config import resume_changes
 from mcn.errors import ConfigError, RunInterrupted, StorageError, TrainingDiverged
-from mcn.files import clean_state_dict, load_train_state, restore_rng, rng_state, save_train_state
-from mcn.runtime import Runtime
-from mcn.status import RunStatus
+from mcn.files import (
+    RunStatus,
+    clean_state_dict,
+    load_train_state,
+    restore_rng,
+    rng_state,
+    save_train_state,
+    upgrade_state_dict,
+)
+from mcn.training.config import resume_changes
+from mcn.training.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 def stacked_logits(output) -> torch.Tensor:
@@ -221,8 +230,8 @@ def progress(iterable, total: int, desc: str, enabled):
 class LoopRecipe(Protocol):
     """What `EpochLoop` needs from a recipe (set up by the recipe's `setup()`)."""
 
-    model: torch.nn.Module  # what the train state saves
-    forward: torch.nn.Module  # what is called: the model, compiled and/or wrapped for several processes
+    raw_model: torch.nn.Module  # the module itself: what the train state saves
+    model: torch.nn.Module  # what is called: raw_model, compiled and/or wrapped for several processes
     objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -235,8 +244,8 @@ class LoopRecipe(Protocol):
     monitor: str  # the validation metric that decides "best"
     lr_keys: dict[str, str]  # each parameter group's role -> the config key of its rate (for messages)
     grad_clip: float | None
-    report: object  # mcn.reports.CsvReport
-    tracker: object  # mcn.tracking.RunTracker
+    report: object  # mcn.files.EpochCsv
+    tracker: object  # mcn.training.tracking.RunTracker
 
     def start_epoch(self, epoch: int) -> None: ...  # e.g. freeze or unfreeze parts of the model
 
@@ -299,7 +308,7 @@ class EpochLoop:
             epoch=epoch,
             best=best,
             elapsed_s=elapsed,
-            model=clean_state_dict(r.model.state_dict()),
+            model=clean_state_dict(r.raw_model.state_dict()),
             optimizer=r.optimizer.state_dict(),
             scheduler=r.scheduler.state_dict(),
             rng=rng_state(r.generators),
@@ -319,7 +328,7 @@ class EpochLoop:
             )
         if changes:
             log.warning("resuming with a changed config: %s", "; ".join(changes))
-        r.model.load_state_dict(state["model"])
+        r.raw_model.load_state_dict(upgrade_state_dict(r.raw_model, state["model"]))
         r.optimizer.load_state_dict(state["optimizer"])
         r.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"], r.generators)
@@ -367,7 +376,7 @@ class EpochLoop:
                 lrs = self.learning_rates()
                 batches = progress(r.train_batches, len(r.train_batches), f"epoch {epoch}/{epochs}", self.progress_bar)
                 train = train_epoch(
-                    r.forward,
+                    r.model,
                     batches,
                     r.objective,
                     r.optimizer,
@@ -378,7 +387,7 @@ class EpochLoop:
                 )
                 if self.signal is not None:
                     break
-                val = evaluate(r.forward, r.val_batches, r.objective, r.runtime)
+                val = evaluate(r.model, r.val_batches, r.objective, r.runtime)
                 elapsed = time.time() - start
                 for phase, metrics in (("train", train), ("val", val)):
                     r.report.add({"phase": phase, "epoch": epoch, **metrics, **lrs, "elapsed_s": round(elapsed, 2)})

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from mcn import distributed
-from mcn.cli import log
-from mcn.config import resolved
 from mcn.files import write_text
+from mcn.training.config import resolved
+
+log = logging.getLogger(__name__)
 
 
 class RunTracker:

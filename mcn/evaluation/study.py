@@ -1,10 +1,10 @@
 """A study report: fusion runs grouped by everything but their seed; per group the mean, spread and 95 %
 confidence interval of every metric, and the seed-paired difference to the same runs' baselines, with a verdict.
 
-Groups. Two finished runs (rows of `mcn.reports.collect_runs`) are in one group when they have the same fusion
-type and their resolved configs agree on every key except `seed`, the keys in `REPLICATE_IGNORES` (where files
-live, how a run is shown, orchestration: nothing that changes what is computed) and the keys passed as `vary`
-(e.g. `split.seed`, to pool several splits as replicates too). A group that shares its fusion type with
+Groups. Two finished runs (rows of `mcn.evaluation.summary.collect_runs`) are in one group when they have the
+same fusion type and their resolved configs agree on every key except `seed`, the keys in `REPLICATE_IGNORES`
+(where files live, how a run is shown, orchestration: nothing that changes what is computed) and the keys passed as
+`vary` (e.g. `split.seed`, to pool several splits as replicates too). A group that shares its fusion type with
 another is labelled by the keys in which they differ.
 
 Statistics (scipy.stats) over the n finished runs of a group:
@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from mcn.baselines import BASELINES, CALIBRATION_METRICS
-from mcn.config import REPLICATE_IGNORES
+from mcn.evaluation.baselines import BASELINES, CALIBRATION_METRICS
+from mcn.evaluation.summary import EXPERT_SETS, baseline_column
+from mcn.evaluation.tables import latex_table, markdown_table
 from mcn.files import write_csv, write_text
-from mcn.reports import EXPERT_SETS, baseline_column, latex_table, markdown_table
+from mcn.training.config import REPLICATE_IGNORES
 
 CONFIDENCE = 0.95
 # the fusion's own per-run metric columns; each one a study's rows hold gets mean ± std per group

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mcn.errors import MCNError
-from mcn.files import write_json
+from mcn.files.io import write_json
 
 
 def read_status(path: str | Path) -> dict | None:

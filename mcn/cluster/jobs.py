@@ -1,0 +1,111 @@
+"""Each job of a sweep as `mcn.sweep status` shows it: its state (Slurm's while it is queued or running, sacct's
+once it ended, together with its run folder's run_status.json; without Slurm, the run folder's alone), its
+progress and its error line; and the lines the launcher and `status` print."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mcn.cluster.manifest import Sweep, SweepJob
+from mcn.cluster.slurm import LIVE, last_error_line, slurm_states
+from mcn.files import RunFolder, read_status
+
+# a run folder's state (run_status.json) as a job state, where Slurm has nothing to say
+FROM_RUN_STATE = {"running": "RUNNING", "done": "COMPLETED", "failed": "FAILED", "interrupted": "INTERRUPTED"}
+
+
+@dataclass
+class JobState:
+    """One job as `status` shows it."""
+
+    job: SweepJob
+    state: str
+    run: dict  # its run_status.json ({} before it starts)
+    error: str | None
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+    @property
+    def done(self) -> bool:
+        return self.run.get("state") == "done"
+
+    @property
+    def needs_submit(self) -> bool:
+        """Failed, cancelled, timed out for good, or never submitted: what retry and a relaunch resubmit."""
+        return not self.live and not self.done
+
+
+def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[JobState], bool]:
+    """(every job's view, whether Slurm was asked)."""
+    jobs = sweep.jobs if jobs is None else jobs
+    slurm = slurm_states([j.job_id for j in jobs if j.job_id]) if sweep.launcher == "slurm" else None
+    views = []
+    for job in jobs:
+        run = read_status(RunFolder(sweep.root / job.folder).status) or {}
+        state = (slurm or {}).get(job.job_id) if job.job_id else "UNSUBMITTED"
+        if state is None or (state not in LIVE and run.get("state") == "done"):  # the run folder says
+            # submitit's result file without a run status: the job failed before its run started
+            ended = job.job_id is not None and sweep.job_file(job.job_id, "result.pkl").exists()
+            state = FROM_RUN_STATE.get(run.get("state"), "FAILED" if ended else "PENDING")
+        error = None
+        if state not in LIVE and run.get("state") != "done":
+            error = run.get("error")
+            log = sweep.job_file(job.job_id, "log.err") if job.job_id else None
+            if not error and log and log.exists():
+                error = last_error_line(log.read_text(errors="replace")[-20000:])
+        views.append(JobState(job, state, run, error))
+    return views, slurm is not None
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def submitted_message(folder: str | Path, job_ids: list[str], skipped: list[JobState]) -> str:
+    arrays = sorted({i.split("_")[0] for i in job_ids}, key=int)
+    what = f"array{'s' if len(arrays) > 1 else ''} {', '.join(arrays)}" if "_" in job_ids[0] else f"job {arrays[0]}"
+    lines = [f"mcn: submitted {plural(len(job_ids), 'job')} to Slurm as {what}"]
+    if skipped:
+        lines[0] += f" (skipped {len(skipped)}: " + ", ".join(f"#{v.job.num} {v.state}" for v in skipped) + ")"
+    lines += [
+        f"mcn: sweep folder {folder}; follow it with",
+        f"  python -m mcn.sweep status {folder} --watch",
+        f"  python -m mcn.sweep retry {folder}    # resubmits failed, cancelled and timed-out jobs",
+        f"  python -m mcn.sweep cancel {folder}",
+    ]
+    return "\n".join(lines)
+
+
+def status_table(sweep: Sweep, views: list[JobState], from_slurm: bool) -> str:
+    counts: dict[str, int] = {}
+    for v in views:
+        counts[v.state] = counts.get(v.state, 0) + 1
+    source = "Slurm and run folders" if from_slurm else "run folders"
+    lines = [
+        f"sweep {sweep.root} ({source}): {plural(len(views), 'job')}, "
+        + ", ".join(f"{n} {s}" for s, n in counts.items()),
+        f"{'#':>3}  {'job':<12} {'state':<12} {'epoch':>7} {'best val':>8} {'restarts':>8}  overrides",
+    ]
+    # the overrides that tell the jobs apart (all of them for a single job)
+    shared = set.intersection(*(set(v.job.overrides) for v in views)) if len(views) > 1 else set()
+    for v in sorted(views, key=lambda v: v.job.num):
+        run = v.run
+        epoch = f"{run['epoch']}/{run['epochs']}" if run.get("epochs") else "-"
+        best = f"{run['best_val_accuracy']:.4f}" if run.get("best_val_accuracy", -1) >= 0 else "-"
+        restarts = max(run.get("starts", 1) - 1, 0)
+        overrides = " ".join(o for o in v.job.overrides if o not in shared)
+        lines.append(
+            f"{v.job.num:>3}  {v.job.job_id or '-':<12} {v.state:<12} {epoch:>7} {best:>8} {restarts:>8}  {overrides}"
+        )
+        if v.error:
+            lines.append(f"{'':>5}error: {v.error}")
+    if any(v.needs_submit for v in views):
+        lines.append(
+            f"resubmit the failed ones: python -m mcn.sweep retry {sweep.root}"
+            if sweep.launcher == "slurm"
+            else f"rerun the failed ones: the same command with hydra.sweep.dir={sweep.root}"
+        )
+    return "\n".join(lines)

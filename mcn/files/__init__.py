@@ -1,0 +1,88 @@
+"""What mcn keeps on disk, one owner per schema: where each file lies (`layout`), how files are written and read
+(`io`: atomic writes, safe loads), the checkpoint and train-state formats (`checkpoint`), a run's state
+(`run_status`), a fusion run's results record (`results`) and the per-epoch CSV (`epoch_csv`)."""
+
+from mcn.files.checkpoint import (
+    CHECKPOINT_FORMAT,
+    TRAIN_STATE_FORMAT,
+    check_checkpoint,
+    clean_state_dict,
+    extract_state_dict,
+    load_checkpoint,
+    load_train_state,
+    load_weights,
+    make_checkpoint,
+    restore_rng,
+    rng_state,
+    save_component,
+    save_train_state,
+    upgrade_state_dict,
+)
+from mcn.files.epoch_csv import EpochCsv
+from mcn.files.io import (
+    EARLIER_RUNS,
+    TEMP_PATTERN,
+    atomic_write,
+    load_file,
+    move_earlier_run,
+    read_csv,
+    remove_stale_temp_files,
+    save_torch,
+    write_bytes,
+    write_csv,
+    write_json,
+    write_npy,
+    write_text,
+)
+from mcn.files.layout import (
+    COMPONENT_PATTERNS,
+    ExpertRunFiles,
+    FusionRunFiles,
+    RunFolder,
+    SweepFiles,
+    find_fusion_runs,
+    pretrained_expert_path,
+)
+from mcn.files.results import FusionResults
+from mcn.files.run_status import RunStatus, read_status
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "COMPONENT_PATTERNS",
+    "EARLIER_RUNS",
+    "TEMP_PATTERN",
+    "TRAIN_STATE_FORMAT",
+    "EpochCsv",
+    "ExpertRunFiles",
+    "FusionResults",
+    "FusionRunFiles",
+    "RunFolder",
+    "RunStatus",
+    "SweepFiles",
+    "atomic_write",
+    "check_checkpoint",
+    "clean_state_dict",
+    "extract_state_dict",
+    "find_fusion_runs",
+    "load_checkpoint",
+    "load_file",
+    "load_train_state",
+    "load_weights",
+    "make_checkpoint",
+    "move_earlier_run",
+    "pretrained_expert_path",
+    "read_csv",
+    "read_status",
+    "remove_stale_temp_files",
+    "restore_rng",
+    "rng_state",
+    "save_component",
+    "save_torch",
+    "save_train_state",
+    "upgrade_state_dict",
+    "write_bytes",
+    "write_csv",
+    "write_json",
+    "write_npy",
+    "write_text",
+]
