@@ -1,6 +1,7 @@
 """Training throughput of the MCN: the framework's loop against a bare PyTorch loop, knobs on and off.
 
-    python benchmarks/throughput.py                                   # CPU: wrn10_1 and wrn16_4, 32x32
+    python benchmarks/throughput.py                                   # CPU, one thread: a few minutes
+    python benchmarks/throughput.py --threads 2 --experts wrn16_4     # the study's size, both cores
     python benchmarks/throughput.py --device cuda --experts wrn28_10  # GPU, with MFU
     python benchmarks/throughput.py --experts densenet_tiny timm/test_resnet         # other families
     python benchmarks/throughput.py --experts wrn10_1,preact_resnet_tiny,densenet_tiny,resnext_tiny  # mixed
@@ -8,12 +9,16 @@
 `--experts` takes any preset of the expert registry (`timm/<model>` for a timm backbone), each timed as
 `--num-experts` alike experts, or a comma-separated list of one preset per expert (mixed experts, fused at the
 widest feature through adapters).
-For each (experts, fusion type, knobs) it times `--steps` training steps after `--warmup`:
+For each (experts, fusion type) it builds one model per knob set (`--knobs`: fp32, bf16, cl = channels_last,
+compile) and times `--steps` training steps of each:
 - framework: `TensorBatches` (uint8 set on the device, crop + flip there) feeding
   `mcn.training.loop.train_epoch` (dual-path loss, clipping, cosine schedule, on-device metrics);
 - bare: the same model, optimiser, batch and loss in a plain `for` loop over pre-made float batches.
-Framework and bare timings alternate over `--rounds` rounds and the medians are compared.
-Prints a table (images/s, a 10k-image epoch in seconds, framework overhead, MFU on GPU) and writes JSON.
+The knob sets and framework/bare alternate within each of `--rounds` rounds, so a shared machine's drift hits them
+alike; medians are reported, with each knob set's speed-up over fp32 as the median and range of its per-round
+ratios. `--threads` fixes torch's CPU threads (default 1: rates that do not depend on what else runs on the
+machine). Each row is printed and the JSON (with the CPU's model and bf16 support) rewritten as soon as it is
+measured, so an interrupted run keeps what it finished.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from mcn.data.loader import TensorBatches
 from mcn.models import MCN, ExpertSpec, create_fusion, fusion_width
 from mcn.training.loop import Objective, stacked_logits, train_epoch, weighted_cross_entropy
 from mcn.training.optim import cosine_schedule, optimizer_from_config
-from mcn.training.runtime import Runtime
+from mcn.training.runtime import Runtime, cpu_bf16
 
 
 def expert_specs(experts: str, k: int) -> list[ExpertSpec]:
@@ -131,83 +136,104 @@ def measured_bf16_tflops(device: torch.device) -> float:
     return 2 * 8192**3 * n / (time.perf_counter() - start) / 1e12
 
 
+def cpu_facts() -> dict:
+    """The processor's model and whether it computes bf16 natively (what trainer.precision=auto asks)."""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    native, why = cpu_bf16()
+    return {"cpu": model, "native_bf16": native, "native_bf16_why": why}
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--experts", nargs="+", default=["wrn10_1", "wrn16_4"])
-    p.add_argument(
-        "--fusions", nargs="+", default=["multiplicative", "concatenation", "multiplicativeAddition", "TransformerBase"]
-    )
+    p.add_argument("--experts", nargs="+", default=["wrn10_1"])
+    p.add_argument("--fusions", nargs="+", default=["concatenation"])
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved framework/bare timings; medians are reported")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every knob set; medians reported")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument(
         "--knobs",
         nargs="+",
         default=None,
-        help="combinations to time, e.g. fp32 bf16 bf16+cl bf16+cl+compile (default: per device)",
+        help="combinations to time, e.g. fp32 bf16 fp32+cl bf16+cl bf16+cl+compile (default: per device)",
     )
     p.add_argument("--json", default="benchmarks/results/throughput.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     knob_sets = args.knobs or (
-        ["fp32", "bf16", "bf16+cl+compile"] if device.type == "cuda" else ["fp32", "bf16", "bf16+cl"]
+        ["fp32", "bf16", "bf16+cl+compile"] if device.type == "cuda" else ["fp32", "bf16", "fp32+cl", "bf16+cl"]
     )
+    facts = {"threads": torch.get_num_threads(), **(cpu_facts() if device.type == "cpu" else {})}
+    print(" | ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
     peak = measured_bf16_tflops(device) if device.type == "cuda" else None
     n_images = max(args.batch * args.steps, 1024)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_images, 3, args.size, args.size), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, args.classes, (n_images,), generator=g).to(device)
     rows = []
-    for experts, fusion, knobs in itertools.product(args.experts, args.fusions, knob_sets):
-        on = set(knobs.split("+"))
-        runtime = Runtime(
-            device=device,
-            bf16="bf16" in on,
-            channels_last="cl" in on,
-            compile="compile" in on,
-            fused_optimizer=device.type == "cuda",
-            data_on_device=True,
-        )
-        model, forward, opt = build(experts, fusion, args.num_experts, args.classes, runtime)
-        k = model.num_experts
-        time_bare(forward, model, opt, runtime, images, labels, args.batch, args.warmup, k)  # warm-up (and compile)
-        # interleaved rounds, median of each: a shared VM's speed drifts by tens of percent over a minute
-        rounds = [
-            (
-                time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, k),
-                time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, k),
+    for experts, fusion in itertools.product(args.experts, args.fusions):
+        built = {}
+        for knobs in knob_sets:
+            on = set(knobs.split("+"))
+            runtime = Runtime(
+                device=device,
+                bf16="bf16" in on,
+                channels_last="cl" in on,
+                compile="compile" in on,
+                fused_optimizer=device.type == "cuda",
+                data_on_device=True,
             )
-            for _ in range(args.rounds)
-        ]
-        framework, bare = (statistics.median(r[i] for r in rounds) for i in (0, 1))
-        ips = args.batch * args.steps / framework
-        row = {
-            "device": str(device),
-            "experts": experts if "," in experts else f"{k}x{experts}",
-            "fusion": fusion,
-            "knobs": knobs,
-            "batch": args.batch,
-            "images_per_s": round(ips, 1),
-            "bare_images_per_s": round(args.batch * args.steps / bare, 1),
-            "overhead_pct": round(100 * (framework - bare) / bare, 1),
-            "epoch_10k_s": round(10_000 / ips, 2),
-        }
-        if peak:
-            row["mfu_pct"] = round(100 * train_flops_per_image(model, runtime, args.size) * ips / (peak * 1e12), 1)
-            row["peak_bf16_tflops"] = round(peak, 1)
-        rows.append(row)
-        print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            model, forward, opt = build(experts, fusion, args.num_experts, args.classes, runtime)
+            time_bare(forward, model, opt, runtime, images, labels, args.batch, args.warmup, model.num_experts)
+            built[knobs] = (runtime, model, forward, opt)
+        times: dict[str, list[tuple[float, float]]] = {knobs: [] for knobs in knob_sets}
+        for r in range(args.rounds):  # every knob set once per round: drift over minutes hits them alike
+            for knobs, (runtime, model, forward, opt) in built.items():
+                k = model.num_experts
+                times[knobs].append(
+                    (
+                        time_framework(forward, opt, runtime, images, labels, args.batch, args.steps, k),
+                        time_bare(forward, model, opt, runtime, images, labels, args.batch, args.steps, k),
+                    )
+                )
+            print(f"  {experts} {fusion}: round {r + 1}/{args.rounds} done", flush=True)
+        for knobs, (runtime, model, _, _) in built.items():
+            framework, bare = (statistics.median(t[i] for t in times[knobs]) for i in (0, 1))
+            speedups = [f / t[0] for f, t in zip((t[0] for t in times[knob_sets[0]]), times[knobs])]
+            ips = args.batch * args.steps / framework
+            row = {
+                "device": str(device),
+                "experts": experts if "," in experts else f"{model.num_experts}x{experts}",
+                "fusion": fusion,
+                "knobs": knobs,
+                "batch": args.batch,
+                "threads": facts["threads"],
+                "images_per_s": round(ips, 1),
+                "bare_images_per_s": round(args.batch * args.steps / bare, 1),
+                "overhead_pct": round(100 * (framework - bare) / bare, 1),
+                f"speedup_vs_{knob_sets[0]}": round(statistics.median(speedups), 3),
+                "speedup_range": f"{min(speedups):.3f}-{max(speedups):.3f}",
+                "epoch_10k_s": round(10_000 / ips, 2),
+            }
+            if peak:
+                row["mfu_pct"] = round(100 * train_flops_per_image(model, runtime, args.size) * ips / (peak * 1e12), 1)
+                row["peak_bf16_tflops"] = round(peak, 1)
+            rows.append(row)
+            print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({**facts, "rows": rows}, indent=2))
     columns = list(rows[0])
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=2))
     print(f"\nwrote {args.json}")
     return rows
 

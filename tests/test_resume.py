@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import signal
 
 import pytest
@@ -12,7 +11,7 @@ from mcn.errors import ConfigError
 from mcn.files import read_status
 from mcn.train import run
 
-from helpers import compose_cfg
+from helpers import compose_cfg, interrupt_epoch
 
 RUN = ["trainer.epochs=4", "trainer.save_every=2", "trainer.deterministic=true"]
 
@@ -32,19 +31,6 @@ def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
     run(compose_cfg(tmp, RUN), str(tmp / "job"))
     return tmp / "job"
-
-
-def interrupt_epoch(monkeypatch, epoch: int, signum: int):
-    """Send `signum` to this process as training epoch `epoch` starts (the loop stops after its first step)."""
-    real, calls = loop.train_epoch, []
-
-    def train_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == epoch:
-            os.kill(os.getpid(), signum)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_epoch", train_epoch)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])

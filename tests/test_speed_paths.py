@@ -13,7 +13,7 @@ from helpers import ROOT, compose_cfg, cpu_runtime
 
 
 def test_gpu_defaults_pick_the_fast_path(tmp_path):
-    trainer = compose_cfg(tmp_path).trainer
+    trainer = compose_cfg(tmp_path, ["trainer.precision=auto", "trainer.channels_last=auto"]).trainer
     gpu = Runtime.from_config(trainer, cuda_available=True, bf16_supported=True)
     assert (gpu.device.type, gpu.bf16, gpu.channels_last, gpu.compile, gpu.fused_optimizer, gpu.data_on_device) == (
         "cuda",
@@ -23,11 +23,11 @@ def test_gpu_defaults_pick_the_fast_path(tmp_path):
         True,
         True,
     )
-    cpu = Runtime.from_config(trainer, cuda_available=False)
+    cpu = Runtime.from_config(trainer, cuda_available=False, bf16_supported=False)  # a CPU without native bf16
     assert (cpu.device.type, cpu.bf16, cpu.channels_last, cpu.compile, cpu.fused_optimizer) == (
         "cpu",
         False,
-        False,
+        True,
         False,
         False,
     )

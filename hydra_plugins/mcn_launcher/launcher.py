@@ -187,3 +187,12 @@ class MCNSlurmLauncher(_SweepLauncher):
 
 class MCNLocalLauncher(_SweepLauncher):
     _EXECUTOR = "local"
+
+    def submit(self, sweep, jobs: list, singletons: dict) -> list:
+        """The jobs run at once on this machine's cores: each learns how many share them (MCN_LOCAL_JOBS), so that
+        its default thread count (mcn.training.runtime.choose_threads) does not oversubscribe them."""
+        os.environ["MCN_LOCAL_JOBS"] = str(len(jobs))  # read by the job processes, which inherit it
+        try:
+            return super().submit(sweep, jobs, singletons)
+        finally:
+            os.environ.pop("MCN_LOCAL_JOBS", None)

@@ -313,6 +313,7 @@ class EpochLoop:
             scheduler=r.scheduler.state_dict(),
             rng=rng_state(r.generators),
             config=r.config,
+            precision="bf16" if r.runtime.bf16 else "fp32",
         )
 
     def load_state(self) -> dict | None:
@@ -332,6 +333,7 @@ class EpochLoop:
         r.optimizer.load_state_dict(state["optimizer"])
         r.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"], r.generators)
+        self.keep_precision(state.get("precision"))
         log.info(
             "resumed from %s after epoch %d (best %.4f @%d)",
             self.state_path,
@@ -340,6 +342,28 @@ class EpochLoop:
             state["best"]["epoch"],
         )
         return state
+
+    def keep_precision(self, started: str | None) -> None:
+        """A run resumes in the precision it started in where `auto` would choose otherwise here (a requeue onto a
+        node of another kind), so that its epochs are computed alike; an explicit trainer.precision wins. Either
+        way a change is said."""
+        rt = self.recipe.runtime
+        now = "bf16" if rt.bf16 else "fp32"
+        if started in (None, now):  # train states written before precision was kept have none
+            return
+        asked = self.recipe.config.get("trainer", {}).get("precision", "auto")
+        if asked == "auto":
+            rt.bf16 = started == "bf16"
+            rt.why += f"; kept {started} from the run's start"
+            log.warning(
+                "resuming in %s, the precision this run started in (trainer.precision=auto would choose %s on this "
+                "machine); set trainer.precision=%s to switch",
+                started,
+                now,
+                now,
+            )
+        else:
+            log.warning("resuming in %s (trainer.precision=%s); the epochs so far ran in %s", now, asked, started)
 
     def stop_requested(self) -> bool:
         """Asked after every step; with several processes they agree, so all stop at the same step."""

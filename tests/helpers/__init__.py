@@ -19,6 +19,8 @@ TINY = [
     "trainer.save_every=2",
     "trainer.batch_size=64",
     "trainer.progress_bar=false",
+    "trainer.precision=fp32",  # the exact numbers tests compare are plain fp32's; auto has tests of its own
+    "trainer.channels_last=false",
 ]
 
 
@@ -76,3 +78,18 @@ def pretrain_experts(tmp: Path, epochs: int) -> Path:
             ExpertRecipe(compose_cfg(tmp, [f"pretrain.epochs={epochs}", f"pretrain.index={i}"]), tmp / f"job{i}")
         )
     return tmp / "outputs" / "experts" / "digits_iid_k4_split42_wrn10_1_seed42"
+
+
+def interrupt_epoch(monkeypatch, epoch: int, signum: int):
+    """Send `signum` to this process as training epoch `epoch` starts (the loop stops after its first step)."""
+    import mcn.training.loop as loop
+
+    real, calls = loop.train_epoch, []
+
+    def train_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_epoch", train_epoch)
