@@ -71,6 +71,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_module(modules: list[torch.nn.Module]) -> None:
+    """Every process takes rank 0's parameters and buffers of `modules` (in place)."""
+    if dist.is_initialized():
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+
 def any_process(flag: bool, device: torch.device) -> bool:
     """True on every process once one of them says so (stopping on a signal must happen at the same step)."""
     if not dist.is_initialized():

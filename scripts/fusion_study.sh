@@ -11,7 +11,7 @@ options=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do options+=("$1"); shift; done
 [ $# -gt 0 ] && shift
 overrides=("$@")
-[ ${#options[@]} -gt 0 ] || options=(none freeze ensemble_start distill expert_dropout cutmix_smoothing)
+[ ${#options[@]} -gt 0 ] || options=(none freeze ensemble_start distill expert_dropout cutmix_smoothing probe own_classes)
 python=${PYTHON:-python}
 mkdir -p "$root"
 for tuning in "${options[@]}"; do

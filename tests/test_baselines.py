@@ -106,6 +106,19 @@ def test_stacking_regularisation_is_chosen_on_val():
     assert informative["accuracy"] > 0.5 and uninformative["nll"] > informative["nll"]
 
 
+def test_stacking_cv_is_fitted_on_val_alone_and_chooses_its_c_there():
+    train, val, test = overconfident_parts()
+    informative = expert_baselines(train, val, test)["stacking_cv"]
+    # the training part does not enter it at all
+    scrambled = (torch.randn_like(train[0]), train[1])
+    assert expert_baselines(scrambled, val, test)["stacking_cv"] == informative
+    noise = torch.randint(0, 10, val[1].shape, generator=torch.Generator().manual_seed(3))
+    uninformative = expert_baselines(train, (val[0], noise), test)["stacking_cv"]
+    assert uninformative["C"] == STACKING_C[0] and informative["C"] > STACKING_C[0]
+    assert informative["accuracy"] > 0.5 and uninformative["accuracy"] < informative["accuracy"]
+    assert 0.5 < informative["val_accuracy"] < 1 and uninformative["val_accuracy"] < 0.3  # held out, not in-sample
+
+
 def test_one_expert_has_no_combinations():
     parts = [(logits[:1], labels) for logits, labels in overconfident_parts(sizes=(200, 100, 100))]
     out = expert_baselines(*parts)
@@ -114,8 +127,14 @@ def test_one_expert_has_no_combinations():
         "probability_average",
         "temperature_scaled_average",
         "stacking",
+        "stacking_cv",
     }
-    assert out["best_single_expert"] == {**calibration(parts[2][0][0], parts[2][1]), "index": 0}
+    val_accuracy = (parts[1][0][0].argmax(-1) == parts[1][1]).float().mean().item()
+    assert out["best_single_expert"] == {
+        **calibration(parts[2][0][0], parts[2][1]),
+        "index": 0,
+        "val_accuracy": val_accuracy,
+    }
 
 
 def test_mismatched_parts_are_refused():

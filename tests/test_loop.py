@@ -38,6 +38,9 @@ class ScriptedRecipe:
         self.tracker = RunTracker(OmegaConf.create({"logger": {"name": "none", "mode": "disabled"}}), None, "", None)
         self.best, self.saved = [], []
 
+    def initial_epoch(self, should_stop):
+        return None
+
     def start_epoch(self, epoch):
         pass
 

@@ -36,7 +36,17 @@ def experts_dir(tmp_path_factory):
 def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):
     """The quick version of the study of docs/results.md: each option, one seed, tiny sizes."""
     options = sorted(p.stem for p in (CONF / "tuning").glob("*.yaml"))
-    assert {"none", "freeze", "ensemble_start", "distill", "expert_dropout", "cutmix_smoothing"} <= set(options)
+    known = {
+        "none",
+        "freeze",
+        "ensemble_start",
+        "distill",
+        "expert_dropout",
+        "cutmix_smoothing",
+        "probe",
+        "own_classes",
+    }
+    assert known <= set(options)
     defaults = compose_cfg(tmp_path)
     for option in options:
         cfg = compose_cfg(tmp_path, [f"tuning={option}", f"experts.dir={experts_dir}", "trainer.epochs=3"])
@@ -44,7 +54,7 @@ def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):
         assert results["epochs_run"] == 3 and results["baselines"]["pretrained"]["logit_average"] is not None
         changed = {
             key
-            for block in ("model", "loss", "augment", "trainer")
+            for block in ("model", "loss", "augment", "trainer", "probe")
             for key, value in results["config"][block].items()
             if value != defaults[block][key]
         } - {"epochs"}
@@ -157,8 +167,11 @@ def test_distillation_teacher_is_the_pretrained_experts_and_stays_frozen(tmp_pat
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["trainer.freeze_experts_epochs=3"], r"trainer.freeze_experts_epochs=3 must lie in 0..trainer.epochs-1 \(2\)"),
-        (["trainer.freeze_experts_epochs=-1"], r"trainer.freeze_experts_epochs=-1 must lie in 0"),
+        (
+            ["trainer.freeze_experts_epochs=3"],
+            r"freeze_experts_epochs=3 must be 0 \(no freezing\) or lie in 1..trainer.epochs-1 \(trainer.epochs=3\)",
+        ),
+        (["trainer.freeze_experts_epochs=-1"], r"trainer.freeze_experts_epochs=-1 must be 0 \(no freezing\)"),
         (
             ["loss.distill_weight=0.1", "experts.dir=null"],
             r"distils from the pretrained experts, but experts.dir is null",

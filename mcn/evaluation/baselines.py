@@ -10,24 +10,31 @@ set, and reports on the test set, with everything fitted or selected on the othe
   minimising its NLL (`temperature`); the argmax, hence the accuracy, is the logit average's;
 - `stacking`: multinomial logistic regression over the concatenated expert logits (standardised),
   fitted on the fusion training part, its L2 strength chosen among `STACKING_C` by val NLL (`C`);
+- `stacking_cv`: the same logistic regression fitted on the fusion validation part alone, its C chosen by
+  `STACKING_FOLDS`-fold cross-validation there (log-loss): a stacker fitted on data that experts after joint
+  training have not trained on;
 - `best_single_expert`: the expert with the best val accuracy, ties to the lowest index (`index`).
 
-Each value is `calibration()` on test (`accuracy`, `nll`, `ece`) plus that extra. With one expert
-the four combinations are undefined (None) and the best single expert is that expert.
+Each value is `calibration()` on test (`accuracy`, `nll`, `ece`) plus that extra, and `val_accuracy`: its accuracy
+on the fusion validation part, where the fusion's best epoch is chosen too (for `stacking_cv` the mean held-out
+accuracy of its cross-validation at the chosen C): the comparison that may decide a default. With one expert
+the five combinations are undefined (None) and the best single expert is that expert.
 
 For experts after joint fusion training, the fusion training part is data they have just trained on, so
-a stacker fitted there sees over-confident logits; the clean comparison is with the pretrained experts.
+`stacking` fitted there sees over-confident logits; `stacking_cv` is the clean stacker of those experts.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -36,15 +43,17 @@ from mcn.errors import MCNError
 
 ECE_BINS = 15
 STACKING_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # inverse L2 strengths tried for stacking; val NLL picks one
+STACKING_FOLDS = 5  # stacking_cv's cross-validation folds on the validation part
 TEMPERATURE_RANGE = (1e-2, 1e2)  # the temperature search interval
 CALIBRATION_METRICS = ("accuracy", "nll", "ece")  # what calibration() returns
-# every baseline, and what it reports besides calibration(): what was fitted or chosen
+# every baseline, and what it reports besides calibration(): what was fitted or chosen, and its val accuracy
 BASELINES = {
-    "logit_average": (),
-    "probability_average": (),
-    "temperature_scaled_average": ("temperature",),
-    "stacking": ("C",),
-    "best_single_expert": ("index",),
+    "logit_average": ("val_accuracy",),
+    "probability_average": ("val_accuracy",),
+    "temperature_scaled_average": ("temperature", "val_accuracy"),
+    "stacking": ("C", "val_accuracy"),
+    "stacking_cv": ("C", "val_accuracy"),
+    "best_single_expert": ("index", "val_accuracy"),
 }
 
 Part = tuple[torch.Tensor, torch.Tensor]  # (expert logits [K, N, C], labels [N])
@@ -124,6 +133,36 @@ def fit_stacking(train: Part, val: Part) -> tuple[object, float]:
     return best[1], best[2]
 
 
+def fit_stacking_cv(val: Part) -> tuple[object, float, float]:
+    """Logistic regression over the concatenated expert logits fitted on `val` alone, its C chosen among
+    `STACKING_C` by the mean held-out NLL of `STACKING_FOLDS`-fold stratified cross-validation on `val` (fewer folds
+    when a class has fewer images; ties to the stronger regularisation), then refitted on all of `val`: (the model,
+    C, the held-out accuracy at that C)."""
+    logits, labels = val
+    x, y, classes = _features(logits), labels.numpy(), logits.shape[-1]
+    counts = np.bincount(y)
+    # fewer folds when a class has fewer images than folds; a class of one image is then in one fold only, and
+    # its image is scored in no fold (no model of that fold has seen the class: its NLL would be infinite for every C)
+    n_folds = max(2, min(STACKING_FOLDS, int(counts[counts > 0].min())))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        splits = [
+            (inner, held[np.isin(y[held], y[inner])])
+            for inner, held in StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=0).split(x, y)
+        ]
+    fit = lambda c, rows: make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(x[rows], y[rows])  # noqa: E731
+    best = None
+    with threadpool_limits(1):  # see fit_stacking
+        for c in STACKING_C:
+            held_out = [
+                calibration(_log_probabilities(fit(c, inner), x[held], classes), labels[held]) for inner, held in splits
+            ]
+            nll, accuracy = (float(np.mean([m[key] for m in held_out])) for key in ("nll", "accuracy"))
+            if best is None or nll < best[0]:
+                best = (nll, c, accuracy)
+        return fit(best[1], np.arange(len(y))), best[1], best[2]
+
+
 def _check_parts(parts: dict[str, Part]) -> None:
     shapes = {}
     for name, (logits, labels) in parts.items():
@@ -146,24 +185,42 @@ def expert_baselines(train: Part, val: Part, test: Part) -> dict[str, dict | Non
     (train_logits, train_labels), (val_logits, val_labels), (test_logits, test_labels) = (
         (logits.detach().float().cpu(), labels.detach().long().cpu()) for logits, labels in parts.values()
     )
-    val_accuracy = (val_logits.argmax(-1) == val_labels).float().mean(1)
-    best = int(val_accuracy.argmax())  # the first of equals
+    on_val = lambda logits: (logits.argmax(-1) == val_labels).float().mean().item()  # noqa: E731
+    expert_val_accuracy = (val_logits.argmax(-1) == val_labels).float().mean(1)
+    best = int(expert_val_accuracy.argmax())  # the first of equals
     out: dict[str, dict | None] = dict.fromkeys(BASELINES)
-    out["best_single_expert"] = {**calibration(test_logits[best], test_labels), "index": best}
+    out["best_single_expert"] = {
+        **calibration(test_logits[best], test_labels),
+        "index": best,
+        "val_accuracy": expert_val_accuracy[best].item(),
+    }
     if len(test_logits) == 1:  # one expert: nothing to combine
         return out
-    out["logit_average"] = calibration(test_logits.mean(0), test_labels)
+    average_val = on_val(val_logits.mean(0))
+    out["logit_average"] = {**calibration(test_logits.mean(0), test_labels), "val_accuracy": average_val}
     # log of the mean probability, kept finite where one expert's probability underflows
-    mean_log_probability = test_logits.log_softmax(-1).logsumexp(0) - math.log(len(test_logits))
-    out["probability_average"] = calibration(mean_log_probability, test_labels)
+    mean_log_probability = lambda logits: logits.log_softmax(-1).logsumexp(0) - math.log(len(logits))  # noqa: E731
+    out["probability_average"] = {
+        **calibration(mean_log_probability(test_logits), test_labels),
+        "val_accuracy": on_val(mean_log_probability(val_logits)),
+    }
     temperature = fit_temperature(val_logits.mean(0), val_labels)
     out["temperature_scaled_average"] = {
         **calibration(test_logits.mean(0) / temperature, test_labels),
         "temperature": temperature,
+        "val_accuracy": average_val,  # a temperature does not move the argmax
     }
+    classes = test_logits.shape[-1]
     model, c = fit_stacking((train_logits, train_labels), (val_logits, val_labels))
     out["stacking"] = {
-        **calibration(_log_probabilities(model, _features(test_logits), test_logits.shape[-1]), test_labels),
+        **calibration(_log_probabilities(model, _features(test_logits), classes), test_labels),
         "C": c,
+        "val_accuracy": on_val(_log_probabilities(model, _features(val_logits), classes)),
+    }
+    model, c, held_out_accuracy = fit_stacking_cv((val_logits, val_labels))
+    out["stacking_cv"] = {
+        **calibration(_log_probabilities(model, _features(test_logits), classes), test_labels),
+        "C": c,
+        "val_accuracy": held_out_accuracy,
     }
     return out

@@ -24,8 +24,10 @@ FIGURE_METHODS = {
     "pretrained_logit_average_test_accuracy": "logit average (pretrained experts)",
     "pretrained_probability_average_test_accuracy": "probability average (pretrained)",
     "pretrained_stacking_test_accuracy": "stacking (pretrained)",
+    "pretrained_stacking_cv_test_accuracy": "stacking on val, CV (pretrained)",
     "pretrained_best_single_expert_test_accuracy": "best expert on val (pretrained)",
     "joint_logit_average_test_accuracy": "logit average (experts after joint training)",
+    "joint_stacking_cv_test_accuracy": "stacking on val, CV (experts after joint training)",
 }
 
 

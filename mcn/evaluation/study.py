@@ -44,21 +44,23 @@ FUSION_METRICS = (
     "test_nll",
     "test_ece",
     "val_accuracy",
+    "best_epoch",
+    "epochs_run",
     "oracle_gap_used",
     "wall_time_s",
     "corruption_accuracy",
     "ood_auroc",
 )
 # what each fusion is paired with (test accuracy): the experts' logit average, a stacker fitted on their frozen
-# logits and the expert chosen on val, first for the experts as pretrained ("what the same experts give for
-# free"), then after joint training
+# logits (on the fusion training part, and on the validation part by cross-validation) and the expert chosen on
+# val, first for the experts as pretrained ("what the same experts give for free"), then after joint training
 REFERENCES = tuple(
     baseline_column(experts, baseline, "accuracy")
     for experts in EXPERT_SETS
-    for baseline in ("logit_average", "stacking", "best_single_expert")
+    for baseline in ("logit_average", "stacking", "stacking_cv", "best_single_expert")
 )
 # every method of a run with its calibration columns: the fusion, then each baseline of each expert set
-METHODS = {"fusion": {m: f"test_{m}" for m in CALIBRATION_METRICS}} | {
+METHODS = {"fusion": {m: f"test_{m}" for m in CALIBRATION_METRICS} | {"val_accuracy": "val_accuracy"}} | {
     f"{experts} {baseline}": {m: baseline_column(experts, baseline, m) for m in (*CALIBRATION_METRICS, *choices)}
     for experts in EXPERT_SETS
     for baseline, choices in BASELINES.items()
@@ -269,15 +271,15 @@ def comparison_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
 
 
 def methods_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
-    columns = ["group", "method", "n", *CALIBRATION_METRICS, "chosen"]
+    columns = ["group", "method", "n", *CALIBRATION_METRICS, "val_accuracy", "chosen"]
     rows = []
     for g in groups:
         for method, metric_columns in METHODS.items():
             if not g.values(metric_columns["accuracy"]):
                 continue
             row = {"group": g.label, "method": method, "n": g.estimate(metric_columns["accuracy"]).n}
-            row |= {m: _mean_std(g.estimate(metric_columns[m])) for m in CALIBRATION_METRICS}
-            choices = [k for k in metric_columns if k not in CALIBRATION_METRICS]
+            row |= {m: _mean_std(g.estimate(metric_columns[m])) for m in (*CALIBRATION_METRICS, "val_accuracy")}
+            choices = [k for k in metric_columns if k not in (*CALIBRATION_METRICS, "val_accuracy")]
             row["chosen"] = " ".join(
                 f"{k}: " + " ".join(f"{v:.3g}" for v in g.values(metric_columns[k])) for k in choices
             )

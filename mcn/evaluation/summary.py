@@ -38,6 +38,7 @@ SUMMARY_COLUMNS = [
     "split_seed",
     "best_epoch",
     "val_accuracy",
+    "probe_val_accuracy",
     "test_accuracy",
     "test_nll",
     "test_ece",
@@ -96,6 +97,7 @@ def _finished_row(run: FusionRunFiles, r: FusionResults) -> dict:
         "split_seed": r.split_seed if r.split_seed is not None else ((config or {}).get("split") or {}).get("seed"),
         "best_epoch": r.best_epoch,
         "val_accuracy": r.best_val_accuracy,
+        "probe_val_accuracy": (r.probe or {}).get("val_accuracy"),  # on cached features, epoch 0 (probe.enabled)
         "test_accuracy": r.test_accuracy,
         "test_nll": calibration.get("nll"),
         "test_ece": calibration.get("ece"),

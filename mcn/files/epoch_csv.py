@@ -17,7 +17,7 @@ class EpochCsv:
         self.rows: list[dict] = read_csv(self.path) if self.path.exists() else []
 
     def keep_until(self, epoch: int) -> None:
-        """A run continuing after `epoch` (0: starting afresh) keeps only the rows of the epochs it has behind it."""
+        """A run continuing after `epoch` (-1: starting afresh) keeps only the rows of the epochs it has behind it."""
         kept = [r for r in self.rows if r["phase"] != "test" and int(r["epoch"]) <= epoch]
         if kept != self.rows and distributed.is_main():
             self.rows = kept

@@ -34,6 +34,7 @@ class FusionResults:
     wall_time_s: float  # training, without the final test pass
     test_loss: float | None = None  # the dual-path objective's
     learning_rates: dict | None = None  # base_lr, head_lr as used, and the input-width rule
+    probe: dict | None = None  # the probe's fit (mcn.training.probe.ProbeFit) when probe.enabled; epoch 0's weights
     epochs_planned: int | None = None
     split_hash: str | None = None
     test_calibration: dict | None = None  # nll, ece, brier of the global head (`mcn.evaluation.baselines`)

@@ -103,15 +103,37 @@ class MCN(nn.Module):
         return len(self.experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, expert_logits = self.forward_experts(x)
+        return self.fuse(features, expert_logits), expert_logits
+
+    def forward_experts(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The experts' side: each expert's pooled features ([B, d_k] each) and their own logits [K, B, C]."""
         features = [expert.forward_features(x) for expert in self.experts]
-        expert_logits = torch.stack([expert.forward_head(f) for expert, f in zip(self.experts, features)])
+        return features, torch.stack([expert.forward_head(f) for expert, f in zip(self.experts, features)])
+
+    def fuse(self, features: list[torch.Tensor], expert_logits: torch.Tensor) -> torch.Tensor:
+        """The fusion side, on what `forward_experts` gave (or a cache of it: the probe, mcn.training.probe):
+        adapters -> fusion -> global head; the global logits [B, C]."""
         adapted = torch.stack([adapt(f) for adapt, f in zip(self.adapters, features)], dim=1)
         if self.training and self.expert_dropout > 0:
             adapted = drop_experts(adapted, self.expert_dropout)
         global_logits = self.global_head(self.fusion(adapted))
         if self.global_head.gate is not None:
             global_logits = expert_logits.mean(0) + self.global_head.gate * global_logits
-        return global_logits, expert_logits
+        return global_logits
+
+    def reset_expert_heads(self) -> None:
+        """Start every expert's own classifier anew (default initialisation, in place: an optimiser holding its
+        parameters keeps them), as the reference's fusion stage gave its class-split experts new heads over all
+        classes."""
+        for expert in self.experts:
+            for module in expert.get_classifier().modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+    def fusion_side(self) -> list[nn.Module]:
+        """What learns at head_lr and what the probe fits: adapters, fusion module, global head."""
+        return [self.adapters, self.fusion, self.global_head]
 
     def train(self, mode: bool = True) -> MCN:
         super().train(mode)
@@ -146,7 +168,7 @@ class MCN(nn.Module):
     def param_groups(self, base_lr: float, head_lr: float) -> list[tuple[str, float, list[nn.Parameter]]]:
         """The one place where "experts at base_lr; adapters, fusion and global head at head_lr" lives:
         `(role, lr, parameters)` groups for `mcn.training.optim.build_optimizer`."""
-        head = [*self.adapters.parameters(), *self.fusion.parameters(), *self.global_head.parameters()]
+        head = [p for module in self.fusion_side() for p in module.parameters()]
         return [("base_lr", base_lr, list(self.experts.parameters())), ("head_lr", head_lr, head)]
 
 

@@ -6,6 +6,7 @@
 Every expert has the uniform interface the MCN relies on:
 - `forward_features(x)`: pooled features [B, d];
 - `forward_head(features)`: the expert's own logits [B, C];
+- `get_classifier()`: the module `forward_head` applies (timm's name), e.g. to start it anew;
 - `num_features`: d;
 - `architecture`: what rebuilds it (`build_expert`): the preset, its options, and the numbers that fix its shape.
 
@@ -53,6 +54,9 @@ class PooledConvExpert(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

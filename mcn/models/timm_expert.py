@@ -69,6 +69,9 @@ class TimmExpert(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.get_classifier()(features)
 
+    def get_classifier(self) -> nn.Module:
+        return self.model.get_classifier()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

@@ -241,6 +241,9 @@ class ExpertRecipe:
             config=self.config,
         )
 
+    def initial_epoch(self, should_stop) -> None:  # an expert starts from its initial weights: no epoch 0
+        return None
+
     def start_epoch(self, epoch: int) -> None:
         pass
 

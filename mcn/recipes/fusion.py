@@ -4,7 +4,11 @@ Feature flags (all in the config):
 - `optim.base_lr` / `optim.head_lr`: experts learn slowly, fusion + global head fast (the AdamW
   defaults are the guide's per fusion type); `optim.input_width_rule=true` scales both by the feature
   width as the reference did (docs/reference.md §3; logged and saved);
-- `loss.alpha`: weight of the experts' own losses in `CE(global) + alpha * sum_k CE(expert_k)`;
+- `loss.alpha`: weight of the experts' own losses in `CE(global) + alpha * sum_k CE(expert_k)` (0: off);
+  `loss.expert_targets=own_classes` counts expert k's term only on samples of the classes in its pretraining share,
+  so that under a class split joint training does not retrain every expert on every class;
+- `model.new_expert_heads`: every expert's own head starts anew at the fusion stage (after the pretrained experts'
+  baselines are measured), as the reference's class-split fusion stage did;
 - `experts.dir`: start from pretrained experts (checked by `check_pretrained_expert`), or `null` to
   start from scratch;
 - options that help the fusion beat its experts' free logit average (all off by default; what each
@@ -12,6 +16,9 @@ Feature flags (all in the config):
   on frozen experts), `model.ensemble_start` (start from the logit average), `loss.distill_weight` /
   `loss.distill_temperature` (distil the pretrained experts' ensemble), `model.expert_dropout`,
   and `augment.*` (CutMix, label smoothing, random erasing, RandAugment);
+- `probe.enabled`: probe, then fine-tune (LP-FT, mcn.training.probe): epoch 0 fits the fusion side on the frozen
+  experts' cached features, with its weight decay chosen on validation; epochs 1.. fine-tune everything from
+  there, and epoch 0 competes for the best epoch like any other (`trainer.epochs=0`: the probe alone);
 - `trainer.early_stopping_patience`: stop after that many epochs without a better validation
   accuracy (null: off);
 - `trainer.precision` / `channels_last` / `compile` / `data_on_device`: speed, `auto` = fast on GPU.
@@ -28,7 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from mcn import distributed
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
@@ -48,9 +55,17 @@ from mcn.files import (
 )
 from mcn.models import MCN, ExpertStack, create_fusion, fusion_width, list_fusions
 from mcn.recipes.expert import check_pretrained_expert
-from mcn.training.config import absolute_paths, expert_specs, require_fraction, require_positive, resolved
-from mcn.training.loop import UNDEFINED, Distillation, EpochLoop, Objective, head_metrics, predict
+from mcn.training.config import (
+    absolute_paths,
+    expert_specs,
+    require_fraction,
+    require_positive,
+    require_positive_int,
+    resolved,
+)
+from mcn.training.loop import UNDEFINED, Distillation, EpochLoop, Objective, evaluate, head_metrics, predict
 from mcn.training.optim import input_width_lrs, optimizer_from_config, schedule_from_config
+from mcn.training.probe import expert_outputs, fit_probe
 from mcn.training.runtime import Runtime, seed_everything, stream_seeds
 from mcn.training.tracking import RunTracker
 
@@ -69,6 +84,7 @@ def experts_of(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
     return logits[1:], labels
 
 
+EXPERT_TARGETS = ("all", "own_classes")  # loss.expert_targets: which samples each expert's term counts
 FUSION_STAGE = 0  # what tells the fusion stage's random streams from the expert stage's (stream_seeds)
 
 
@@ -87,7 +103,9 @@ class FusionRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self._check_config()
-        init_seed, self.batch_seed, augment_seed = stream_seeds(cfg.seed, FUSION_STAGE, streams=3)
+        init_seed, self.batch_seed, augment_seed, self.probe_seed, self.head_seed = stream_seeds(
+            cfg.seed, FUSION_STAGE, streams=5
+        )
         seed_everything(init_seed, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
         self.data = prepare_data(cfg)
@@ -113,9 +131,35 @@ class FusionRecipe:
 
     def _check_config(self) -> None:
         cfg = self.cfg
+        enabled = cfg.probe.enabled
+        if enabled not in (True, False, "auto"):
+            raise ConfigError(f"probe.enabled={enabled!r} must be auto, true or false; e.g. probe.enabled=auto")
+        # auto: probe pretrained experts; experts from scratch have nothing to probe
+        self.probe_on = enabled is True or (enabled == "auto" and cfg.experts.dir is not None)
+        probe = self.probe_on
+        if probe:
+            require_positive_int(cfg, "probe.epochs", "probe.patience", "probe.batch_size")
+            require_positive(cfg, "probe.lr")
+            decays = cfg.probe.weight_decays
+            shown = list(decays) if isinstance(decays, ListConfig) else decays
+            if (
+                not isinstance(decays, ListConfig)
+                or not decays
+                or any(not isinstance(d, (int, float)) or isinstance(d, bool) or d < 0 for d in decays)
+            ):
+                raise ConfigError(
+                    f"probe.weight_decays={shown} must be a list of weight decays >= 0; "
+                    f"e.g. probe.weight_decays=[0,0.01,0.1]"
+                )
+            if cfg.experts.dir is None:
+                raise ConfigError(
+                    "probe.enabled=true fits the fusion on the pretrained experts, but experts.dir is null (experts "
+                    "from scratch); set experts.dir or probe.enabled=false"
+                )
+        if not (probe and cfg.trainer.epochs == 0):  # the probe alone: trainer.epochs=0
+            require_positive(cfg, "trainer.epochs")
         require_positive(
             cfg,
-            "trainer.epochs",
             "trainer.batch_size",
             "trainer.save_every",
             "experts.num",
@@ -123,10 +167,26 @@ class FusionRecipe:
             "optim.head_lr",
         )
         require_fraction(cfg, *(f"augment.{k}" for k in ("random_erasing", "cutmix", "label_smoothing")))
-        if not 0 <= cfg.trainer.freeze_experts_epochs < cfg.trainer.epochs:
+        if cfg.trainer.freeze_experts_epochs and not 0 < cfg.trainer.freeze_experts_epochs < cfg.trainer.epochs:
             raise ConfigError(
-                f"trainer.freeze_experts_epochs={cfg.trainer.freeze_experts_epochs} must lie in 0..trainer.epochs-1 "
-                f"({cfg.trainer.epochs - 1}): the experts must train at least one epoch"
+                f"trainer.freeze_experts_epochs={cfg.trainer.freeze_experts_epochs} must be 0 (no freezing) or lie in "
+                f"1..trainer.epochs-1 (trainer.epochs={cfg.trainer.epochs}): the experts must train at least one epoch"
+            )
+        if cfg.model.new_expert_heads and not cfg.loss.alpha:
+            raise ConfigError(
+                "model.new_expert_heads=true starts the experts' heads anew, but loss.alpha=0 never trains them "
+                "(their accuracies, average and oracle would be of random heads); set loss.alpha=1 or "
+                "model.new_expert_heads=false"
+            )
+        if cfg.model.new_expert_heads and cfg.model.ensemble_start:
+            raise ConfigError(
+                "model.ensemble_start=true starts from the experts' logit average, but model.new_expert_heads=true "
+                "makes those heads random; set one of them to false"
+            )
+        if cfg.loss.expert_targets not in EXPERT_TARGETS:
+            raise ConfigError(
+                f"loss.expert_targets={cfg.loss.expert_targets!r} is not one of {', '.join(EXPERT_TARGETS)}; "
+                f"e.g. loss.expert_targets=own_classes"
             )
         if cfg.loss.distill_weight and cfg.experts.dir is None:
             raise ConfigError(
@@ -272,9 +332,28 @@ class FusionRecipe:
             self.raw_model.num_experts,
             loss.alpha,
             rt.device,
+            expert_classes=self._own_classes() if loss.expert_targets == "own_classes" else None,
             make_targets=self.augmentation.make_targets,
             distillation=distillation,
         )
+
+    def _own_classes(self) -> torch.Tensor:
+        """[K, C] bool: the classes in each expert's pretraining share of the split."""
+        labels, classes = self.data.train.labels, self.data.train.num_classes
+        own = torch.zeros(self.raw_model.num_experts, classes, dtype=torch.bool)
+        for i in range(self.raw_model.num_experts):
+            own[i, labels[torch.as_tensor(self.data.split[f"expert_{i}_train_indices"])].unique().cpu()] = True
+        log.info(
+            "loss.expert_targets=own_classes: expert k's term counts only its share's classes (%s)",
+            "; ".join(f"expert {i}: {row.nonzero().flatten().tolist()}" for i, row in enumerate(own)),
+        )
+        if own.all():
+            log.warning(
+                "loss.expert_targets=own_classes changes nothing here: every expert's share holds every class "
+                "(split=%s); it is meant for class splits (split=classes)",
+                self.cfg.split.scheme,
+            )
+        return own
 
     def _setup_outputs(self) -> None:
         k = self.raw_model.num_experts
@@ -296,8 +375,53 @@ class FusionRecipe:
         # the experts as they came in, measured before fusion training: the baselines the fusion must beat
         self.initial = self.predict_parts()
         self.initial_test = head_metrics(*self.initial["test"], self.objective)
+        if self.cfg.model.new_expert_heads:  # after the pretrained heads were measured; a resume loads its own
+            with torch.random.fork_rng(devices=[self.runtime.device] if self.runtime.device.type == "cuda" else []):
+                torch.manual_seed(self.head_seed)
+                self.raw_model.reset_expert_heads()
+            log.info("model.new_expert_heads=true: every expert's own head starts anew over all classes")
         best, epochs_run, seconds = EpochLoop.from_config(self, self.cfg.trainer.epochs, self.cfg.trainer).run()
         return self.finish(best, epochs_run, seconds)
+
+    def initial_epoch(self, should_stop) -> dict | None:
+        """With the probe on (`probe.enabled`): fit the fusion side on the frozen experts' cached features of the
+        training and validation parts (one pass of the experts over each), then measure the whole model on
+        validation as epoch 0. None without the probe, or when `should_stop()` (a signal) ended the fit."""
+        probe = self.cfg.probe
+        if not self.probe_on:
+            return None
+        cache = {
+            part: expert_outputs(self.raw_model, self.measured_parts[part], self.runtime) for part in ("train", "val")
+        }
+        self.probe_fit = fit_probe(
+            self.raw_model,
+            cache["train"],
+            cache["val"],
+            lr=float(probe.lr),
+            weight_decays=[float(d) for d in probe.weight_decays],
+            epochs=int(probe.epochs),
+            patience=int(probe.patience),
+            batch_size=int(probe.batch_size),
+            seed=self.probe_seed,
+            should_stop=should_stop,
+        )
+        if self.probe_fit is None:
+            return None
+        # every process fitted the same probe; rank 0's weights are the ones all fine-tune from (kernels may differ)
+        distributed.broadcast_module(self.raw_model.fusion_side())
+        fit = self.probe_fit
+        log.info(
+            "probe: weight decay %g kept (best epoch %d of %d on cached features; val %.4f), %s, in %.1fs",
+            fit.weight_decay,
+            fit.epoch,
+            fit.epochs_run,
+            fit.val_accuracy,
+            ", ".join(f"wd {c['weight_decay']:g}: {c['accuracy']:.4f}" for c in fit.candidates),
+            fit.seconds,
+        )
+        val = evaluate(self.model, self.val_batches, self.objective, self.runtime)
+        self.save_checkpoint(0, val)  # the probe's weights, each component on its own, with the fit's record
+        return val
 
     def start_epoch(self, epoch: int) -> None:
         self.raw_model.experts_frozen = epoch <= self.cfg.trainer.freeze_experts_epochs
@@ -305,8 +429,18 @@ class FusionRecipe:
     # ------------------------------------------------------------------ save
     def _save_complete(self, path: Path, epoch: int, metrics: dict) -> None:
         m = self.raw_model
+        fit = getattr(self, "probe_fit", None)
+        probe = {"probe": fit.as_dict()} if epoch == 0 and fit is not None else {}
         save_component(
-            path, "complete", m, epoch, fusion_type=self.fusion_type, metrics=metrics, config=self.config, lrs=self.lrs
+            path,
+            "complete",
+            m,
+            epoch,
+            fusion_type=self.fusion_type,
+            metrics=metrics,
+            config=self.config,
+            lrs=self.lrs,
+            **probe,
         )
 
     def save_best(self, epoch: int, val: dict) -> None:
@@ -373,6 +507,7 @@ class FusionRecipe:
             experts_from=[s["path"] for s in self.expert_sources],
             parameters=m.parameter_counts(),
             learning_rates=self.lrs,
+            probe=self._probe_record(),
             epochs_planned=int(self.cfg.trainer.epochs),
             epochs_run=epochs_run,
             wall_time_s=round(train_time, 2),
@@ -382,6 +517,16 @@ class FusionRecipe:
             runtime=self.runtime.describe(),
             config=self.config,
         )
+
+    def _probe_record(self) -> dict | None:
+        """The probe's fit as epoch 0's complete checkpoint keeps it (a resumed run did not fit it itself); None
+        without the probe, or when this run had no epoch 0 (probe.enabled switched on by trainer.resume=force)."""
+        if getattr(self, "probe_fit", None) is not None:
+            return self.probe_fit.as_dict()
+        path = self.files.complete(0)
+        if not self.probe_on or not path.exists():
+            return None
+        return load_checkpoint(path, component="complete").get("probe")
 
     def _log_results(self, r: FusionResults) -> None:
         log.info(

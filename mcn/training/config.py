@@ -34,6 +34,13 @@ def require_positive(cfg: DictConfig, *keys: str) -> None:
             raise ConfigError(f"{key}={value!r} must be a positive number; e.g. {key}=10")
 
 
+def require_positive_int(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key}={value!r} must be a whole number > 0; e.g. {key}=10")
+
+
 def require_fraction(cfg: DictConfig, *keys: str) -> None:
     for key in keys:
         value = OmegaConf.select(cfg, key)

@@ -50,12 +50,23 @@ def stacked_logits(output) -> torch.Tensor:
     return output[None]
 
 
-def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """logits [H, B, C]; targets [B] class ids or [B, C] probabilities; weights [H]."""
+def weighted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, head_classes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits [H, B, C]; targets [B] class ids or [B, C] probabilities; weights [H]. With `head_classes` [H, C]
+    (bool), head h's cross-entropy is a weighted mean over the samples, each weighing the share of its target on
+    h's classes (1 or 0 for a class id; CutMix's mixed targets in between); 0 when no sample of h's classes is in
+    the batch. Each head's term stays a mean: an expert's is not diluted by the samples it does not count."""
     h, b, c = logits.shape
+    share = None
+    if head_classes is not None:
+        share = head_classes[:, targets] if targets.dim() == 1 else head_classes.float() @ targets.float().T  # [H, B]
     targets = targets.repeat(h) if targets.dim() == 1 else targets.repeat(h, 1)
-    per_sample = F.cross_entropy(logits.reshape(h * b, c).float(), targets, reduction="none")
-    return per_sample.view(h, b).mean(dim=1) @ weights
+    per_sample = F.cross_entropy(logits.reshape(h * b, c).float(), targets, reduction="none").view(h, b)
+    if share is None:
+        return per_sample.mean(dim=1) @ weights
+    share = share.float()
+    return ((per_sample * share).sum(1) / share.sum(1).clamp_min(1e-12)) @ weights
 
 
 @dataclass
@@ -82,6 +93,8 @@ class Objective:
     """What a training step minimises, and how the heads are named in the reports.
 
     `weights[h]` weighs head h's cross-entropy (the global head 1, each expert alpha);
+    `head_classes` [H, C] (bool), when given, limits head h's cross-entropy to samples of its classes (an expert
+    trained on a few classes keeps learning only those: `loss.expert_targets=own_classes`);
     `make_targets(x, y) -> (x, targets)` may mix inputs (CutMix) or soften labels;
     `distillation` adds a term pulling the global head towards the pretrained experts' ensemble.
     Head "x" reports `x_accuracy`; a lone unnamed head ("") reports `accuracy`.
@@ -91,20 +104,34 @@ class Objective:
     weights: torch.Tensor
     make_targets: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     distillation: Distillation | None = None
+    head_classes: torch.Tensor | None = None
 
     @classmethod
-    def dual_path(cls, num_experts: int, alpha: float, device: torch.device, **kwargs) -> Objective:
-        """The MCN's loss: CE(global) + alpha * sum_k CE(expert_k)."""
+    def dual_path(
+        cls, num_experts: int, alpha: float, device: torch.device, expert_classes: torch.Tensor | None = None, **kwargs
+    ) -> Objective:
+        """The MCN's loss: CE(global) + alpha * sum_k CE(expert_k); `expert_classes` [K, C] (bool) limits expert
+        k's term to samples of its classes."""
         weights = torch.tensor([1.0] + [float(alpha)] * num_experts, device=device)
-        return cls(["global"] + [f"expert_{i}" for i in range(num_experts)], weights, **kwargs)
+        head_classes = None
+        if expert_classes is not None:
+            every = torch.ones(1, expert_classes.shape[1], dtype=torch.bool)
+            head_classes = torch.cat([every, expert_classes.bool()]).to(device)
+        names = ["global"] + [f"expert_{i}" for i in range(num_experts)]
+        return cls(names, weights, head_classes=head_classes, **kwargs)
 
     @classmethod
     def single(cls, device: torch.device, **kwargs) -> Objective:
         """One classifier, one cross-entropy."""
         return cls([""], torch.ones(1, device=device), **kwargs)
 
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The heads' weighted cross-entropy: what training minimises, and validation reports, without distillation."""
+        classes = None if self.head_classes is None else self.head_classes.to(logits.device)
+        return weighted_cross_entropy(logits, targets, self.weights.to(logits.device), classes)
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        loss = weighted_cross_entropy(logits, targets, self.weights)
+        loss = self.cross_entropy(logits, targets)
         if self.distillation is not None:
             loss = loss + self.distillation.loss(logits[0], inputs)
         return loss
@@ -193,7 +220,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, objective: Objective, ru
     for x, y in batches:
         with runtime.autocast():
             logits = stacked_logits(model(x))
-        metrics.update(logits, y, weighted_cross_entropy(logits, y, objective.weights))
+        metrics.update(logits, y, objective.cross_entropy(logits, y))
     return metrics.compute()
 
 
@@ -212,7 +239,7 @@ def predict(model: torch.nn.Module, batches: Iterable, runtime: Runtime) -> tupl
 def head_metrics(logits: torch.Tensor, labels: torch.Tensor, objective: Objective) -> dict[str, float]:
     """What `evaluate` reports, from logits already computed (`predict`)."""
     metrics = HeadMetrics(objective.head_names, logits.device, ensemble=objective.has_ensemble)
-    metrics.update(logits, labels, weighted_cross_entropy(logits, labels, objective.weights.to(logits.device)))
+    metrics.update(logits, labels, objective.cross_entropy(logits, labels))
     return metrics.compute()
 
 
@@ -246,6 +273,9 @@ class LoopRecipe(Protocol):
     grad_clip: float | None
     report: object  # mcn.files.EpochCsv
     tracker: object  # mcn.training.tracking.RunTracker
+
+    # epoch 0 of a fresh run (the probe): its validation metrics; None without one, or when `should_stop()` said so
+    def initial_epoch(self, should_stop: Callable[[], bool]) -> dict | None: ...
 
     def start_epoch(self, epoch: int) -> None: ...  # e.g. freeze or unfreeze parts of the model
 
@@ -285,6 +315,7 @@ class EpochLoop:
         self.resume, self.progress_bar = resume, progress_bar
         self.signal = None
         self.last_saved = 0
+        self.saved = False  # whether this run's train state is on disk (epoch 0 counts)
 
     @classmethod
     def from_config(cls, recipe: LoopRecipe, epochs: int, trainer) -> EpochLoop:
@@ -315,6 +346,7 @@ class EpochLoop:
             config=r.config,
             precision="bf16" if r.runtime.bf16 else "fp32",
         )
+        self.saved = True
 
     def load_state(self) -> dict | None:
         if self.resume == "never" or not self.state_path.exists():
@@ -388,14 +420,18 @@ class EpochLoop:
             first, best, before = state["epoch"] + 1, state["best"], state["elapsed_s"]
         else:
             first, best, before = 1, {"epoch": 0, "val_accuracy": -1.0}, 0.0
-        self.last_saved = first - 1
-        r.report.keep_until(self.last_saved)  # rows of epochs after the saved state belong to no run any more
+        self.last_saved, self.saved = first - 1, state is not None
+        r.report.keep_until(self.last_saved if state else -1)  # rows after the saved state belong to no run any more
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
         start, epoch = time.time() - before, first - 1
         try:
+            if state is None:
+                best = self.initial_epoch(best, start)
             for epoch in range(first, epochs + 1):
+                if self.signal is not None:  # arrived during epoch 0
+                    break
                 r.start_epoch(epoch)
                 lrs = self.learning_rates()
                 batches = progress(r.train_batches, len(r.train_batches), f"epoch {epoch}/{epochs}", self.progress_bar)
@@ -446,7 +482,7 @@ class EpochLoop:
                     log.info("early stopping: no better validation accuracy for %d epochs", self.patience)
                     break
         except StorageError as e:
-            if self.last_saved:
+            if self.saved:
                 raise StorageError(f"{e}; it resumes after epoch {self.last_saved} ({self.state_path})") from None
             raise
         finally:
@@ -456,6 +492,25 @@ class EpochLoop:
             self.status.interrupted(f"{signal.Signals(self.signal).name} during epoch {self.last_saved + 1}")
             self.hand_over(previous.get(self.signal))
         return best, epoch, time.time() - start
+
+    def initial_epoch(self, best: dict, start: float) -> dict:
+        """Epoch 0 of a fresh run, when the recipe has one (the probe of probe-then-fine-tune): reported, a
+        candidate for the best epoch like any other, and saved, so a resume never repeats it."""
+        r = self.recipe
+        val = r.initial_epoch(self.stop_requested)
+        if val is None:
+            return best
+        elapsed = time.time() - start
+        self.check_finite(0, val, val, self.learning_rates())
+        # no learning rates in its row: epoch 0 did not use the stage's (the probe's are in its record)
+        r.report.add({"phase": "val", "epoch": 0, **val, "elapsed_s": round(elapsed, 2)})
+        r.tracker.log({f"val/{k}": v for k, v in val.items()}, 0)
+        best = {"epoch": 0, "val_accuracy": val[r.monitor]}
+        r.save_best(0, val)
+        log.info("epoch 0  val loss %.4f acc %.4f | %.1fs", val["loss"], val[r.monitor], elapsed)
+        self.save_state(0, best, elapsed)
+        self.status.progress(0, self.epochs, best)
+        return best
 
     def check_finite(self, epoch: int, train: dict, val: dict, lrs: dict[str, float]) -> None:
         for phase, metrics in (("training", train), ("validation", val)):
@@ -474,7 +529,7 @@ class EpochLoop:
         if self.signal == signal.SIGINT:
             saved = (
                 f"epoch {self.last_saved} is saved in {self.state_path}: run the same command again to resume"
-                if self.last_saved
+                if self.saved
                 else "no epoch had finished, so nothing was saved"
             )
             raise RunInterrupted(f"interrupted (Ctrl-C) during epoch {self.last_saved + 1}; {saved}")

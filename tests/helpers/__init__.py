@@ -21,6 +21,7 @@ TINY = [
     "trainer.progress_bar=false",
     "trainer.precision=fp32",  # the exact numbers tests compare are plain fp32's; auto has tests of its own
     "trainer.channels_last=false",
+    "probe.enabled=false",  # the numbers tests compare are plain fine-tuning's; the probe has tests of its own
 ]
 
 
