@@ -16,7 +16,7 @@ from mcn.train import run
 from mcn.training.loop import Distillation, Objective, stacked_logits, weighted_cross_entropy
 from mcn.training.optim import cosine_schedule
 
-from helpers import CONF, compose_cfg, cpu_runtime, pretrain_experts
+from helpers import CONF, TINY, compose_cfg, cpu_runtime, pretrain_experts
 
 CPU = cpu_runtime()
 
@@ -47,9 +47,10 @@ def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):
         "own_classes",
     }
     assert known <= set(options)
-    defaults = compose_cfg(tmp_path)
+    base = [o for o in TINY if not o.startswith("probe.")]  # a command-line pin would override the presets' own
+    defaults = compose_cfg(tmp_path, base=base)
     for option in options:
-        cfg = compose_cfg(tmp_path, [f"tuning={option}", f"experts.dir={experts_dir}", "trainer.epochs=3"])
+        cfg = compose_cfg(tmp_path, [f"tuning={option}", f"experts.dir={experts_dir}", "trainer.epochs=3"], base=base)
         results = run(cfg, str(tmp_path / option))
         assert results["epochs_run"] == 3 and results["baselines"]["pretrained"]["logit_average"] is not None
         changed = {

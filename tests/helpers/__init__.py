@@ -25,10 +25,12 @@ TINY = [
 ]
 
 
-def compose_cfg(tmp_path: Path, overrides: list[str] = (), config_name: str = "train") -> DictConfig:
+def compose_cfg(
+    tmp_path: Path, overrides: list[str] = (), config_name: str = "train", base: list[str] = TINY
+) -> DictConfig:
     paths = [f"paths.output_root={tmp_path / 'outputs'}", f"paths.data_dir={tmp_path / 'data'}"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=[*TINY, *paths, *overrides])
+        return compose(config_name=config_name, overrides=[*base, *paths, *overrides])
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, module: str = "mcn.train") -> subprocess.CompletedProcess:
