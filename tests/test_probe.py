@@ -47,6 +47,18 @@ def same_fit(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
+def watch_training_start(monkeypatch) -> dict:
+    """`seen["start"]`, once a run trains: the model's state as its first training epoch begins."""
+    seen, real = {}, loop.train_epoch
+
+    def train_epoch(model, *args, **kwargs):
+        seen.setdefault("start", copy.deepcopy(model.state_dict()))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_epoch", train_epoch)
+    return seen
+
+
 def fusion_side(state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if not k.startswith("experts.")}
 
@@ -74,14 +86,7 @@ def test_epoch_0_is_the_fit_on_cached_features_and_fine_tuning_starts_from_it(pr
     for key, value in pretrained.items():
         torch.testing.assert_close(epoch0["state_dict"][f"experts.0.{key}"], value)
     # fine-tuning's first step sees exactly epoch 0's weights
-    seen = {}
-    real = loop.train_epoch
-
-    def train_epoch(model, *args, **kwargs):
-        seen.setdefault("start", copy.deepcopy(model.state_dict()))
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_epoch", train_epoch)
+    seen = watch_training_start(monkeypatch)
     run(cfg, str(tmp_path / "watched"))
     for key, value in epoch0["state_dict"].items():
         torch.testing.assert_close(seen["start"][key], value, msg=key)
@@ -241,14 +246,7 @@ def test_own_classes_under_a_class_split_and_bad_probe_values(tmp_path):
 
 
 def test_new_expert_heads_start_anew_after_the_pretrained_baselines(probed, tmp_path, experts_dir, monkeypatch):
-    seen = {}
-    real = loop.train_epoch
-
-    def train_epoch(model, *args, **kwargs):
-        seen.setdefault("start", copy.deepcopy(model.state_dict()))
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_epoch", train_epoch)
+    seen = watch_training_start(monkeypatch)
     cfg = compose_cfg(tmp_path, ["model.new_expert_heads=true", "fusion=concatenation", f"experts.dir={experts_dir}"])
     results = run(cfg, str(tmp_path / "job"))
     for i in range(4):

@@ -65,6 +65,7 @@ METHODS = {"fusion": {m: f"test_{m}" for m in CALIBRATION_METRICS} | {"val_accur
     for experts in EXPERT_SETS
     for baseline, choices in BASELINES.items()
 }
+METHOD_METRICS = (*CALIBRATION_METRICS, "val_accuracy")  # the method table's columns of mean ± std; others: chosen
 VERDICT_RULE = (
     "verdict: the 95 % CI of the seed-paired difference (fusion - baseline, test accuracy) lies entirely above 0: "
     "better; entirely below 0: worse; otherwise: no detectable difference; fewer than 2 pairs: n too small"
@@ -271,15 +272,15 @@ def comparison_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
 
 
 def methods_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
-    columns = ["group", "method", "n", *CALIBRATION_METRICS, "val_accuracy", "chosen"]
+    columns = ["group", "method", "n", *METHOD_METRICS, "chosen"]
     rows = []
     for g in groups:
         for method, metric_columns in METHODS.items():
             if not g.values(metric_columns["accuracy"]):
                 continue
             row = {"group": g.label, "method": method, "n": g.estimate(metric_columns["accuracy"]).n}
-            row |= {m: _mean_std(g.estimate(metric_columns[m])) for m in (*CALIBRATION_METRICS, "val_accuracy")}
-            choices = [k for k in metric_columns if k not in (*CALIBRATION_METRICS, "val_accuracy")]
+            row |= {m: _mean_std(g.estimate(metric_columns[m])) for m in METHOD_METRICS}
+            choices = [k for k in metric_columns if k not in METHOD_METRICS]
             row["chosen"] = " ".join(
                 f"{k}: " + " ".join(f"{v:.3g}" for v in g.values(metric_columns[k])) for k in choices
             )

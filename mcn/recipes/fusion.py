@@ -98,6 +98,7 @@ class FusionRecipe:
         self.fusion_type = cfg.fusion.name
         self.files = FusionRunFiles(Path(output_dir), self.fusion_type)
         self.identity = {"stage": "fusion", "fusion_type": self.fusion_type}
+        self.probe_fit = None  # this run's probe (mcn.training.probe.ProbeFit), once epoch 0 fitted it
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -136,8 +137,7 @@ class FusionRecipe:
             raise ConfigError(f"probe.enabled={enabled!r} must be auto, true or false; e.g. probe.enabled=auto")
         # auto: probe pretrained experts; experts from scratch have nothing to probe
         self.probe_on = enabled is True or (enabled == "auto" and cfg.experts.dir is not None)
-        probe = self.probe_on
-        if probe:
+        if self.probe_on:
             require_positive_int(cfg, "probe.epochs", "probe.patience", "probe.batch_size")
             require_positive(cfg, "probe.lr")
             decays = cfg.probe.weight_decays
@@ -156,7 +156,7 @@ class FusionRecipe:
                     "probe.enabled=true fits the fusion on the pretrained experts, but experts.dir is null (experts "
                     "from scratch); set experts.dir or probe.enabled=false"
                 )
-        if not (probe and cfg.trainer.epochs == 0):  # the probe alone: trainer.epochs=0
+        if not (self.probe_on and cfg.trainer.epochs == 0):  # the probe alone: trainer.epochs=0
             require_positive(cfg, "trainer.epochs")
         require_positive(
             cfg,
@@ -429,8 +429,7 @@ class FusionRecipe:
     # ------------------------------------------------------------------ save
     def _save_complete(self, path: Path, epoch: int, metrics: dict) -> None:
         m = self.raw_model
-        fit = getattr(self, "probe_fit", None)
-        probe = {"probe": fit.as_dict()} if epoch == 0 and fit is not None else {}
+        probe = {"probe": self.probe_fit.as_dict()} if epoch == 0 and self.probe_fit is not None else {}
         save_component(
             path,
             "complete",
@@ -521,7 +520,7 @@ class FusionRecipe:
     def _probe_record(self) -> dict | None:
         """The probe's fit as epoch 0's complete checkpoint keeps it (a resumed run did not fit it itself); None
         without the probe, or when this run had no epoch 0 (probe.enabled switched on by trainer.resume=force)."""
-        if getattr(self, "probe_fit", None) is not None:
+        if self.probe_fit is not None:
             return self.probe_fit.as_dict()
         path = self.files.complete(0)
         if not self.probe_on or not path.exists():
