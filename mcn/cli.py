@@ -9,11 +9,15 @@ import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 from hydra.errors import HydraException, MissingConfigException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from mcn.errors import MCNError
+from mcn.errors import MCNError, StorageError
+from mcn.files import lock
 
 log = logging.getLogger("mcn")
 
@@ -21,6 +25,11 @@ log = logging.getLogger("mcn")
 def fail(message: str, status: int = 2) -> None:
     print(f"mcn: error: {message}", file=sys.stderr)
     raise SystemExit(status)
+
+
+def warn(message: str) -> None:
+    """One line on stderr for what a command skipped and went on without (a broken run among a sweep's)."""
+    print(f"mcn: warning: {message}", file=sys.stderr)
 
 
 def _to_log_files(message: str) -> None:
@@ -81,3 +90,43 @@ def config_error(e: BaseException) -> str:
         return [line.strip().rstrip(".") for line in str(error).splitlines() if line and not line[0].isspace()]
 
     return "; ".join(lines(e)) + (f" ({'; '.join(lines(e.__cause__))})" if e.__cause__ else "")
+
+
+class RunFolderCheck(Callback):
+    """Hydra calls this before it writes anything in the run folder (its .hydra/ files, train.log): a folder that
+    cannot be written, or that a live run holds (mcn.files.lock), ends the command in one line there, with every
+    file as it was. The lock taken here is the run's for the life of the process."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 speaks for the job
+            _or_exit(lambda: lock.acquire(_writable(Path(str(config.hydra.run.dir)))))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _or_exit(lambda: _writable(Path(str(config.hydra.sweep.dir))))
+
+
+def _or_exit(check: Callable[[], object]) -> None:
+    """Hydra turns a callback's exception into a warning and goes on: the command ends here instead."""
+    try:
+        check()
+    except MCNError as e:
+        fail(str(e), e.exit_status)
+    except OmegaConfBaseException:  # an override that does not resolve: Hydra reports it next, in its own words
+        pass
+
+
+def _writable(folder: Path) -> Path:
+    """`folder`, created; StorageError naming it when it cannot be created or written in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(
+            f"cannot create {folder}: {(e.strerror or str(e)).lower()}; fix the permissions of its parent or point "
+            f"paths.output_root (or hydra.run.dir / hydra.sweep.dir) elsewhere"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StorageError(
+            f"cannot write in {folder}: permission denied (read-only); fix its permissions (chmod u+w) or point "
+            f"paths.output_root (or hydra.run.dir / hydra.sweep.dir) elsewhere"
+        )
+    return folder

@@ -12,7 +12,9 @@ From Python (`mcn.evaluation.components`):
     model = components.load_complete(run_dir, "multiplicative")
     metrics = components.evaluate_model(model, run_dir, split="test")
 
-Every file is loaded without running code from it, and must be what its name says it is.
+Every file is loaded without running code from it, and must be what its name says it is. A file swapped in with
+--fusion_file or --global_file must fit the run by the architecture it records (fusion type, number and width of the
+experts, classes, data set); one that does not is refused in one line naming it, what it holds and what the run needs.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expert_epochs", type=_epochs, help="reconstruct: one epoch per expert, e.g. 10,20,20,20")
     parser.add_argument("--fusion_epoch", type=int, help="reconstruct: the fusion module's epoch")
     parser.add_argument("--global_epoch", type=int, help="reconstruct: the global head's epoch")
-    parser.add_argument("--fusion_file", help="reconstruct: a fusion module file from another run")
-    parser.add_argument("--global_file", help="reconstruct: a global head file from another run")
+    parser.add_argument("--fusion_file", help="reconstruct: a fusion module file of another run of this fusion type")
+    parser.add_argument("--global_file", help="reconstruct: a global head file of another run of this fusion type")
     parser.add_argument("--split", default="test", choices=["test", "val", "train"], help="what to evaluate on")
     args = parser.parse_args(argv)
     with one_line_errors():

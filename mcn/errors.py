@@ -19,6 +19,11 @@ class DataError(MCNError):
     pass
 
 
+class FileError(MCNError):
+    """A record mcn reads (results JSON, run status, a report CSV) is unreadable, truncated or not what its name
+    says; the message names the file and how to replace it. Checkpoints have CheckpointError."""
+
+
 class StorageError(MCNError):
     """A file could not be written (full disk, read-only folder); nothing half-written is left behind."""
 

@@ -9,11 +9,13 @@ from omegaconf import DictConfig
 from mcn.cli import hydra_command, one_line_errors
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
+from mcn.terminal import show_on_terminal
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
+        show_on_terminal(cfg.trainer.terminal, many_runs=False)
         run_recipe(ExpertRecipe(cfg, HydraConfig.get().runtime.output_dir))
 
 

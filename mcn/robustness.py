@@ -3,16 +3,20 @@
     python -m mcn.robustness FOLDER [--device cuda] [--batch_size 512]
 
 FOLDER is one fusion run or a whole sweep; the suite is `mcn.evaluation.robustness`, which says what it measures.
+Every file the suite writes beside each run is checked writable before the first run is measured. In a sweep, a run
+one of whose files cannot be read (a truncated or foreign results JSON or checkpoint) is skipped with one warning
+line naming the file and the fix, and the others are measured; a single run's unreadable file ends the command in
+that line.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mcn.cli import ArgumentParser, one_line_errors
-from mcn.errors import MCNError
+from mcn.cli import ArgumentParser, one_line_errors, warn
+from mcn.errors import CheckpointError, FileError, MCNError
 from mcn.evaluation.robustness import headline, mean_of, measure_run
-from mcn.files import find_fusion_runs
+from mcn.files import check_writable, find_fusion_runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with one_line_errors():
         root = Path(args.folder)
+        if root.is_file():
+            raise MCNError(f"{root} is a file, not a folder; point at a fusion run's folder or a sweep folder")
         if not root.is_dir():
             raise MCNError(f"folder {root} does not exist; point at a fusion run or a sweep folder")
         if args.batch_size is not None and args.batch_size < 1:
@@ -35,7 +41,17 @@ def main(argv: list[str] | None = None) -> int:
         if not finished:
             raise MCNError(f"no finished fusion runs under {root} (no fusion_training_results_*.json)")
         for run in finished:
-            out = measure_run(run, args.device, args.batch_size)
+            check_writable(run.robustness_files, fix="copy the run elsewhere and point at the copy")
+        measured = 0
+        for run in finished:
+            try:
+                out = measure_run(run, args.device, args.batch_size)
+            except (FileError, CheckpointError) as e:  # this run's files; the others may be whole
+                if len(finished) == 1:
+                    raise
+                warn(f"skipped {run.root}: {e}")
+                continue
+            measured += 1
             for line in out["notes"] + out["mismatches"]:
                 print(f"{run.root}: {line}")
             top = headline(run)
@@ -44,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run.fusion_type}: clean {clean:.4f}, corruptions (mean) {top['corruption_accuracy']:.4f}, "
                 f"OOD AUROC msp (mean) {top['ood_auroc']:.4f}; {out['context']}; wrote {run.robustness_summary}"
             )
+        if not measured:
+            raise MCNError(f"none of the {len(finished)} finished runs under {root} can be read (each is named above)")
         return 0
 
 

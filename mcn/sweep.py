@@ -18,7 +18,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from mcn import shell
 from mcn.cli import ArgumentParser, one_line_errors
 from mcn.cluster.jobs import job_states, plural, status_table, submitted_message
 from mcn.cluster.manifest import Sweep
@@ -42,8 +44,13 @@ def retry(folder: str) -> int:
     sweep = Sweep.open(folder)
     if sweep.launcher != "slurm":
         raise MCNError(
-            f"{folder} ran on the {sweep.launcher} launcher; run the same command again with hydra.sweep.dir={folder} "
-            f"(or its sweep.name) to rerun its unfinished jobs"
+            f"{folder} ran on the {sweep.launcher} launcher; rerun its unfinished jobs with: {sweep.command}"
+        )
+    moved = sweep.moved()
+    if moved:
+        raise MCNError(
+            f"{folder} was launched as {moved} and has moved since: its jobs would run in the old place; move it "
+            f"back ({shell.shell_join(['mv', folder, moved])}) or launch it again where it is: {sweep.command}"
         )
     require_slurm("sbatch")
     views, _ = job_states(sweep)
@@ -53,7 +60,8 @@ def retry(folder: str) -> int:
         raise MCNError(f"nothing to retry in {folder}: every job is done or still queued or running ({states})")
     if not os.path.isdir(sweep.cwd):
         raise MCNError(
-            f"{folder} was launched from {sweep.cwd}, which is gone; relaunch it with hydra.sweep.dir={folder} instead"
+            f"{folder} was launched from {sweep.cwd}, which is gone; relaunch it from the folder its config's relative "
+            f"paths start in, with {shell.hydra_override('hydra.sweep.dir', Path(folder).absolute())}"
         )
     launcher, singletons = sweep.load_launcher()
     os.chdir(sweep.cwd)  # the sweep's config holds paths relative to where it was launched

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from mcn.cli import hydra_command, one_line_errors
 from mcn.recipes import run_recipe
 from mcn.recipes.fusion import FusionRecipe
+from mcn.terminal import show_on_terminal
 
 
 def run(cfg: DictConfig, output_dir: str) -> dict:
@@ -18,6 +19,7 @@ def run(cfg: DictConfig, output_dir: str) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
+        show_on_terminal(cfg.trainer.terminal, many_runs=False)
         run(cfg, HydraConfig.get().runtime.output_dir)
 
 

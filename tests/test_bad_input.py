@@ -50,7 +50,7 @@ def test_unknown_fusion_name(tmp_path):
 @pytest.mark.parametrize("key", ["trainer.epochs", "trainer.batch_size"])
 @pytest.mark.parametrize("value", [0, -3])
 def test_non_positive_numbers(tmp_path, key, value):
-    run_expecting(tmp_path, [f"{key}={value}"], ConfigError, rf"{key}={value} must be a positive number")
+    run_expecting(tmp_path, [f"{key}={value}"], ConfigError, rf"{key}={value} must be a whole number")
 
 
 def test_missing_expert_checkpoint_is_one_line_on_the_cli(tmp_path):

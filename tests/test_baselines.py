@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from mcn.errors import MCNError
-from mcn.evaluation.baselines import STACKING_C, calibration, expert_baselines, reliability
+from mcn.evaluation.baselines import (
+    STACKING_C,
+    TEMPERATURE_RANGE,
+    calibration,
+    expert_baselines,
+    fit_temperature,
+    reliability,
+)
 
 
 def overconfident_parts(k=4, classes=10, sizes=(1500, 600, 800), scale=3.0, seed=0):
@@ -145,3 +152,41 @@ def test_mismatched_parts_are_refused():
         expert_baselines(train, val, (test[0], test[1][:49]))
     with pytest.raises(MCNError, match="the parts hold different experts or classes"):
         expert_baselines(train, (val[0][:3], val[1]), test)
+
+
+def test_a_temperature_at_its_search_bound_falls_back_to_one_and_is_flagged():
+    """Every val image right: the val NLL falls as T -> 0 without a minimum, and the search would stop at its lower
+    bound, where every wrong test image becomes a near-certain mistake. The baseline is then the plain average."""
+    train, val, test = overconfident_parts()
+    all_right = (val[0], val[0].mean(0).argmax(-1))
+    out = expert_baselines(train, all_right, test)
+    scaled = out["temperature_scaled_average"]
+    assert (
+        scaled["temperature"] == 1.0
+        and "search bound 0.01: the logit average gets every val image right" in (scaled["flag"])
+    )
+    assert scaled["nll"] == out["logit_average"]["nll"]  # T = 1: the logit average's own calibration
+    at_bound = calibration(test[0].mean(0) / TEMPERATURE_RANGE[0], test[1])["nll"]
+    assert at_bound > 5 * scaled["nll"]  # what the bound's temperature would have reported
+    # the search itself stopping at a bound: logits 1e-4 as large want T = 3e-4, far below 0.01 ...
+    temperature, flag = fit_temperature(val[0].mean(0) * 1e-4, val[1])
+    assert temperature == 1.0 and "search bound 0.01: the val NLL has no minimum inside [0.01, 100]" in flag
+    # ... and labels that the logits say nothing about want T -> infinity (uniform predictions)
+    noise = torch.randint(0, 10, val[1].shape, generator=torch.Generator().manual_seed(3))
+    temperature, flag = fit_temperature(val[0].mean(0), noise)
+    assert temperature == 1.0 and "search bound 100" in flag
+    # a fit inside the range is not flagged
+    assert expert_baselines(train, val, test)["temperature_scaled_average"]["flag"] is None
+
+
+def test_a_stacking_c_at_the_edge_of_its_grid_is_kept_and_flagged():
+    train, val, test = overconfident_parts()
+    noise = torch.randint(0, 10, val[1].shape, generator=torch.Generator().manual_seed(3))
+    for name in ("stacking", "stacking_cv"):
+        inside = expert_baselines(train, val, test)[name]
+        edge = expert_baselines(train, (val[0], noise), test)[name]
+        assert STACKING_C[0] < inside["C"] < STACKING_C[-1] and inside["flag"] is None
+        assert edge["C"] == STACKING_C[0] and edge["flag"] == (
+            f"C = {STACKING_C[0]:g} is at the edge of its grid [{STACKING_C[0]:g}, {STACKING_C[-1]:g}]: kept "
+            "(val chose it)"
+        )

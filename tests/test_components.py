@@ -17,7 +17,7 @@ from mcn.evaluation import components
 from mcn.files import RunStatus, load_file
 from mcn.train import run
 
-from helpers import accuracy, compose_cfg, plain_test_predictions
+from helpers import accuracy, compose_cfg, plain_test_predictions, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,10 @@ class _Payload:
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"format": "mcn-checkpoint-v1", "state_dict": _Payload(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"refused to load .*evil.pth: it needs arbitrary unpickling.*system"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"refused to load .*evil.pth: it needs posix.system, which only full unpickling builds",
+    ):
         load_file(tmp_path / "evil.pth")
     assert not marker.exists()
     (tmp_path / "experts").mkdir()
@@ -196,7 +199,7 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
     ]
     assert (
         rows[3]["epochs_run"] == "1"
-        and rows[4]["reason"] == "trainer.batch_size=0 must be a positive number; e.g. trainer.batch_size=10"
+        and rows[4]["reason"] == "trainer.batch_size=0 must be a whole number > 0; e.g. trainer.batch_size=128"
     )
     for row, (folder, results) in zip(rows, runs.values()):
         saved = json.loads((folder / f"fusion_training_results_{results['fusion_type']}.json").read_text())
@@ -219,3 +222,60 @@ def test_sweep_report_on_an_empty_folder(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mcn: error: no fusion runs under" in err
+
+
+def test_swapped_in_files_that_do_not_fit_are_refused_in_one_line(sweep, tmp_path):
+    """--fusion_file / --global_file from a run of another fusion type or data set: refused by the architecture and
+    identity the file records, naming the file, what it holds and what the run needs; nothing is evaluated."""
+    (folder, results), (other, other_results), (concat, concat_results) = (sweep[1][job] for job in range(3))
+    concat_fusion = concat / "fusion" / f"fusion_concatenation_epoch_{concat_results['best_epoch']}.pth"
+    concat_head = concat / "global" / f"global_head_epoch_{concat_results['best_epoch']}.pth"
+    head = load_file(other / "global" / f"global_head_epoch_{other_results['best_epoch']}.pth")
+    head["config"]["data"]["name"] = "fashion_mnist"  # same shapes (10 classes), another data set
+    torch.save(head, tmp_path / "fashion_head.pth")
+    cases = [
+        (
+            ["--fusion_file", str(concat_fusion)],
+            f"--fusion_file {concat_fusion} holds the fusion module of a concatenation run ({{'name': 'concatenation', "
+            f"'num_experts': 4, 'input_dim': 64, 'dropout': 0.2}}), but {folder} is a multiplicative run and needs the "
+            f"fusion module of a multiplicative run; pass one (python -m mcn.components --checkpoint_dir <a "
+            f"multiplicative run> --action list shows its files)",
+        ),
+        (
+            ["--global_file", str(concat_head)],
+            f"--global_file {concat_head} holds the global head of a concatenation run ({{'in_features': 64, "
+            f"'num_classes': 10}}), but {folder} is a multiplicative run and needs the global head of a multiplicative "
+            f"run; pass one (python -m mcn.components --checkpoint_dir <a multiplicative run> --action list shows "
+            f"its files)",
+        ),
+        (
+            ["--global_file", str(tmp_path / "fashion_head.pth")],
+            f"--global_file {tmp_path / 'fashion_head.pth'} holds a global head trained on fashion_mnist, but {folder} "
+            f"is a digits run; pass the global head of a multiplicative run on digits",
+        ),
+        (
+            ["--fusion_file", str(concat_head)],
+            f"{concat_head} holds a 'global_head' component, expected 'fusion'; pass a file of that component instead",
+        ),
+        (
+            ["--fusion_file", str(concat / "fusion")],
+            f"{concat / 'fusion'} is a folder, where a checkpoint file is expected; pass a .pth file",
+        ),
+    ]
+    for args, message in cases:
+        argv = ["--checkpoint_dir", str(folder), "--action", "reconstruct", *args]
+        result = run_cli(argv, tmp_path, module="mcn.components")
+        assert result.returncode == 2 and result.stderr == f"mcn: error: {message}\n", result.stderr
+        assert result.stdout == ""  # no accuracy of a model that means nothing
+    result = run_cli(
+        ["--checkpoint_dir", str(folder / "run_status.json"), "--action", "list"], tmp_path, module="mcn.components"
+    )
+    assert result.stderr == (
+        f"mcn: error: --checkpoint_dir {folder / 'run_status.json'} is a file, not a folder; point it at a fusion "
+        "run's folder\n"
+    )
+    # a global head of another run of the same type and data set still swaps in
+    other_head = other / "global" / f"global_head_epoch_{other_results['best_epoch']}.pth"
+    argv = ["--checkpoint_dir", str(folder), "--action", "reconstruct", "--global_file", str(other_head)]
+    result = run_cli(argv, tmp_path, module="mcn.components")
+    assert result.returncode == 0 and "swapped in" in result.stdout, result.stderr

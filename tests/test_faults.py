@@ -251,7 +251,7 @@ def test_ctrl_c_says_where_the_last_good_state_is_and_resume_finishes(tmp_path):
         f"interrupted (Ctrl-C) during epoch {saved + 1}; epoch {saved} is saved in {run_dir / 'train_state.pth'}"
         in line
     )
-    assert "run the same command again to resume" in line and temp_files(run_dir) == []
+    assert f"continue with: python -m mcn.train {' '.join(args)}" in line and temp_files(run_dir) == []
     assert read_status(run_dir / "run_status.json")["state"] == "interrupted"
     resumed = run_cli(args, tmp_path)
     assert resumed.returncode == 0 and said(resumed, f"resumed from {run_dir / 'train_state.pth'} after epoch {saved}")
@@ -276,7 +276,7 @@ def test_ctrl_c_says_where_the_last_good_state_is_and_resume_finishes(tmp_path):
         ("mcn.robustness", [], "the following arguments are required"),
         ("mcn.robustness", [".", "--batch_size", "many"], "argument --batch_size: invalid int value: 'many'"),
         ("mcn.evaluate", ["a", "b"], "unrecognized arguments: b"),
-        ("mcn.train", [*QUICK, "trainer.epochs=zero"], "trainer.epochs='zero' must be a positive number"),
+        ("mcn.train", [*QUICK, "trainer.epochs=zero"], "trainer.epochs='zero' must be a whole number >= 0"),
         ("mcn.experts", [*QUICK, "pretrain.index=9"], "pretrain.index=9 is outside 0..3"),
         (
             "mcn.train",

@@ -13,7 +13,7 @@ COMMANDS = {f"mcn.{name}" for name in ("train", "experts", "pipeline", "evaluate
 COMMAND_HELPERS = {"mcn.cli"}
 # the library's layers, lowest first: a module imports its own layer and those below, never one above
 LAYERS = [
-    {"mcn", "mcn.errors", "mcn.distributed"},
+    {"mcn", "mcn.errors", "mcn.distributed", "mcn.shell", "mcn.terminal"},
     {"mcn.files"},
     {"mcn.data", "mcn.models"},
     {"mcn.training"},

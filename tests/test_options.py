@@ -177,7 +177,10 @@ def test_distillation_teacher_is_the_pretrained_experts_and_stays_frozen(tmp_pat
             ["loss.distill_weight=0.1", "experts.dir=null"],
             r"distils from the pretrained experts, but experts.dir is null",
         ),
-        (["loss.distill_weight=0.1", "loss.distill_temperature=0"], r"loss.distill_temperature=0 must be a positive"),
+        (
+            ["loss.distill_weight=0.1", "loss.distill_temperature=0"],
+            r"loss.distill_temperature=0 must be a finite number > 0",
+        ),
         (["augment.cutmix=2"], r"augment.cutmix=2 must lie in \[0, 1\]"),
         (["model.expert_dropout=1.0"], r"model.expert_dropout=1.0 must lie in \[0, 1\)"),
     ],

@@ -26,7 +26,7 @@ from mcn.robustness import main as robustness_main
 from mcn.train import run
 from mcn.training.runtime import Runtime
 
-from helpers import compose_cfg
+from helpers import compose_cfg, run_cli
 
 # torchvision 0.29 deprecates its JPEG codec (behind TF.jpeg) in favour of TorchCodec; the op still works
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -291,3 +291,65 @@ def test_bad_folders_end_with_one_line(tmp_path, capsys):
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"mcn: error: {message}")
+
+
+def test_unreadable_runs_are_skipped_in_a_sweep_and_end_a_lone_run_in_one_line(tmp_path):
+    """The results JSON is read before anything is measured: a truncated or foreign one is named with its fix."""
+    root = tmp_path / "sweep"
+    broken = {"multiplicative": '{"fusion_type": "multipl', "concatenation": "[]"}
+    for job, (fusion, text) in enumerate(broken.items()):
+        files = FusionRunFiles(root / f"{job}_fusion={fusion}", fusion)
+        files.root.mkdir(parents=True)
+        files.complete().write_bytes(b"")  # never opened: its results are read first
+        files.results.write_text(text)
+    first, second = (FusionRunFiles(root / f"{j}_fusion={f}", f) for j, f in enumerate(broken))
+    truncated = f"cannot read {first.results}: truncated or not JSON; run the fusion run again to write it anew"
+    foreign = (
+        f"{second.results} is not an mcn fusion results file (a JSON list, not an object); move it out of the run's "
+        "folder or run the fusion run again to write it anew"
+    )
+    result = run_cli([str(root)], tmp_path, module="mcn.robustness")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"mcn: warning: skipped {first.root}: {truncated}",
+        f"mcn: warning: skipped {second.root}: {foreign}",
+        f"mcn: error: none of the 2 finished runs under {root} can be read (each is named above)",
+    ]
+    result = run_cli([str(first.root)], tmp_path, module="mcn.robustness")
+    assert result.returncode == 2 and result.stderr == f"mcn: error: {truncated}\n"
+    assert not list(root.rglob("robustness_*"))
+    result = run_cli([str(first.results)], tmp_path, module="mcn.robustness")
+    assert result.stderr == (
+        f"mcn: error: {first.results} is a file, not a folder; point at a fusion run's folder or a sweep folder\n"
+    )
+
+
+def test_an_output_path_in_the_way_ends_in_one_line_before_any_run_is_measured(tmp_path):
+    root = tmp_path / "sweep"
+    for job, fusion in enumerate(["multiplicative", "concatenation"]):
+        files = FusionRunFiles(root / f"{job}_fusion={fusion}", fusion)
+        files.root.mkdir(parents=True)
+        files.complete().write_bytes(b"")
+        files.results.write_text("{}")
+    in_the_way = FusionRunFiles(root / "1_fusion=concatenation", "concatenation").robustness_summary
+    in_the_way.mkdir()
+    result = run_cli([str(root)], tmp_path, module="mcn.robustness")
+    assert result.returncode == 2 and result.stderr == (
+        f"mcn: error: cannot write {in_the_way}: a folder of that name is in the way; move it, or copy the run "
+        "elsewhere and point at the copy\n"
+    )
+    assert sorted(p.name for p in root.rglob("robustness_*")) == [in_the_way.name]  # run 0 was not measured
+
+
+def test_results_of_another_run_are_refused_before_the_suite(sweep, tmp_path):
+    root, _ = sweep
+    folder = tmp_path / "run"
+    shutil.copytree(root / "0_fusion=multiplicative", folder)
+    files = FusionRunFiles(folder, "multiplicative")
+    for path in files.robustness_files:  # what an earlier suite wrote
+        path.unlink(missing_ok=True)
+    saved = json.loads(files.results.read_text())
+    files.results.write_text(json.dumps(saved | {"expert_test_accuracy": saved["expert_test_accuracy"][:3]}))
+    with pytest.raises(MCNError, match=r"records 3 experts, but .*best_complete_fusion_multiplicative.pth holds 4"):
+        R.measure_run(files)
+    assert not files.robustness_csv.exists()

@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from mcn.train import run
 
-from helpers import ROOT, compose_cfg, pretrain_experts
+from helpers import ROOT, compose_cfg, copy_checkout, pretrain_experts
 
 
 def cluster_up() -> bool:
@@ -439,3 +441,43 @@ def test_every_training_option_trains_in_a_two_task_job(tmp_path):
     assert " processes=2 " in results["runtime"] and results["epochs_run"] == 2
     rates = [float(r["base_lr"]) for r in report_rows(job, "TransformerBase") if r["phase"] == "train"]
     assert rates[0] == 0.0 and rates[1] > 0  # frozen in epoch 1, joint in epoch 2
+
+
+def test_held_and_retried_jobs_run_the_code_and_config_submitted_not_the_edited_checkout(tmp_path):
+    """Two jobs held in the queue; then the checkout's YAML default (trainer.batch_size) and a Python constant (the
+    checkpoint format) change; job 0 is released, job 1 cancelled and retried: both run what was submitted."""
+    repo = copy_checkout(tmp_path / "checkout")  # cwd: the jobs would import this copy if nothing pinned them
+    held = ["+hydra.launcher.additional_parameters.hold=true", "sweep.name=frozen", "trainer.epochs=1"]
+    out, sweep_dir = submit(["fusion=multiplicative,concatenation", *SLURM, *held], repo)
+    array = re.search(r"mcn: submitted 2 jobs to Slurm as array (\d+)\n", out).group(1)
+    code = json.loads((sweep_dir / "sweep.json").read_text())["code"]
+    snapshot = sweep_dir / ".code" / code
+    quickstart = repo / "conf" / "experiment" / "quickstart.yaml"
+    quickstart.write_text(quickstart.read_text().replace("  batch_size: 64 ", "  batch_size: 32 "))
+    checkpoint = repo / "mcn" / "files" / "checkpoint.py"
+    checkpoint.write_text(checkpoint.read_text().replace('"mcn-checkpoint-v1"', '"edited-after-submitting"'))
+
+    subprocess.run(["scontrol", "release", f"{array}_0"], check=True)
+    subprocess.run(["scancel", f"{array}_1"], check=True)
+    deadline = time.time() + 60
+    while "CANCELLED" not in sweep_cli("status", sweep_dir, cwd=repo).stdout and time.time() < deadline:
+        time.sleep(1)
+    retried = sweep_cli("retry", sweep_dir, cwd=repo)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    job_id = re.search(r"mcn: submitted 1 job to Slurm as job (\d+)\n", retried.stdout).group(1)
+    subprocess.run(["scontrol", "release", job_id], check=True)  # the retry keeps the sweep's request: held too
+
+    status, rows = follow(sweep_dir, repo)
+    assert status.returncode == 0, status.stdout[-3000:] + status.stderr
+    assert [rows[n][1:3] for n in range(2)] == [[f"{array}_0", "COMPLETED"], [job_id, "COMPLETED"]]
+    assert "code:" not in status.stdout  # both ran the sweep's code
+    for fusion in ("multiplicative", "concatenation"):
+        job = next(sweep_dir.glob(f"*_fusion={fusion},*"))
+        assert yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["trainer"]["batch_size"] == 64
+        best = torch.load(job / f"best_complete_fusion_{fusion}.pth", weights_only=False)
+        assert best["format"] == "mcn-checkpoint-v1"
+        ran = json.loads((job / "run_status.json").read_text())["code"]
+        assert ran["hash"] == code and ran["path"] == str(snapshot)
+    for script in sweep_dir.glob(".submitit/*/*_submission.sh"):  # the array's and the retry's
+        text = script.read_text()
+        assert f"export PYTHONPATH={snapshot}${{PYTHONPATH:+:$PYTHONPATH}}\nexport PYTHONSAFEPATH=1\n" in text

@@ -5,11 +5,14 @@ import copy
 import csv
 import json
 import math
+import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from mcn.evaluation import report
 from mcn.evaluation.baselines import BASELINES, reliability
 from mcn.evaluation.study import compare, make_study
 from mcn.evaluation.summary import collect_runs
@@ -266,3 +269,196 @@ def test_labels_name_what_a_group_changes_from_the_common_setting():
     assert _label("concatenation", ensemble, siblings) == "concatenation [model.ensemble_start=True]"
     assert _label("concatenation", distill, siblings) == "concatenation [loss.distill_weight=0.1]"
     assert _label("concatenation", base, [base, ensemble]) == "concatenation [model.ensemble_start=False]"  # a tie
+
+
+# ---------------------------------------------------------------- honest statistics, checked inputs and outputs
+
+T_975_DOF2 = 4.302652729911275  # the 97.5 % quantile of Student's t with 2 degrees of freedom (tables)
+INTERVAL = re.compile(r"\[([+-]?\d\.\d{4}), ([+-]?\d\.\d{4})\]")
+TEMPERATURE_FLAG = "temperature fit at its search bound 0.01: the logit average gets every val image right"
+
+
+def near_one_sweep(root):
+    """Three seeds of a fusion near 100 % (a t interval reaching past 1) against a logit average far below it (a
+    difference interval reaching past 1), with baselines fitted at the edge of their search in some runs."""
+    fusion, average = [1.0, 0.97, 1.0], [0.3, 0.9, 0.05]
+    for seed, (accuracy, base) in enumerate(zip(fusion, average)):
+        pretrained = baseline_set(base, base)
+        pretrained["temperature_scaled_average"] |= {"temperature": 1.0, "flag": TEMPERATURE_FLAG if seed else None}
+        pretrained["stacking"] |= {"C": 100.0, "flag": "C = 100 is at the edge of its grid" if seed == 2 else None}
+        write_run(root / f"{seed}_fusion=multiplicative", "multiplicative", seed, accuracy, {"pretrained": pretrained})
+    return fusion, average
+
+
+def test_no_interval_leaves_the_range_of_its_quantity_and_flagged_fits_are_marked(tmp_path):
+    fusion, average = near_one_sweep(tmp_path / "sweep")
+    result = run_cli(
+        [str(tmp_path / "sweep"), "--output_file", str(tmp_path / "out.csv")], tmp_path, module="mcn.evaluate"
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    # unclipped, both t intervals reach past 1
+    for values in (fusion, np.subtract(fusion, average)):
+        assert np.mean(values) + T_975_DOF2 * np.std(values, ddof=1) / math.sqrt(3) > 1
+    with open(tmp_path / "out_study.csv") as f:
+        stats = {r["quantity"]: r for r in csv.DictReader(f)}
+    assert float(stats["test_accuracy"]["ci_high"]) == 1.0
+    assert float(stats["test_accuracy - pretrained_logit_average_test_accuracy"]["ci_high"]) == 1.0
+    for quantity, row in stats.items():
+        if row["ci_low"]:
+            low, high = (-1, 1) if " - " in quantity else (0, 1) if quantity.endswith(("accuracy", "ece")) else (0, 9)
+            assert low <= float(row["ci_low"]) <= float(row["ci_high"]) <= high, quantity
+    markdown = (tmp_path / "out_study.md").read_text()
+    shown = [float(v) for pair in INTERVAL.findall(markdown) for v in pair]
+    assert shown and all(-1 <= v <= 1 for v in shown)
+    assert "| multiplicative | 3 | 0 1 2 | 0.9900 ± 0.0173 | [0.9470, 1.0000] |" in markdown
+    # the figure's error bars too
+    study = make_study(collect_runs(tmp_path / "sweep"))
+    fig = report._accuracy_figure(study)
+    tops = [y for container in fig.axes[0].containers for cap in container.lines[1] for y in cap.get_ydata()]
+    assert tops and max(tops) <= 1
+    # flagged fits: marked in every table that shows them, counted under it, kept in the run's record
+    assert "| multiplicative | pretrained temperature_scaled_average † | 3 |" in markdown
+    assert "| multiplicative | pretrained stacking † | 3 |" in markdown  # the comparison and method tables
+    assert (
+        "† multiplicative, pretrained temperature_scaled_average: 2 of 3 runs: temperature fit at its search bound "
+        "0.01: the logit average gets every val image right." in markdown
+    )
+    assert "† multiplicative, pretrained stacking: 1 of 3 runs: C = 100 is at the edge of its grid." in markdown
+    assert "a temperature at its bound is replaced by T = 1" in markdown
+    assert stats["pretrained_temperature_scaled_average_test_nll"]["flagged"] == "2"
+    assert stats["test_accuracy - pretrained_stacking_test_accuracy"]["flagged"] == "1"
+    assert stats["test_accuracy"]["flagged"] == "0"
+    with open(tmp_path / "out.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert [r["pretrained_temperature_scaled_average_flag"] for r in runs] == ["", TEMPERATURE_FLAG, TEMPERATURE_FLAG]
+
+
+def test_every_column_of_every_table_is_explained_under_it(study_dir, tmp_path):
+    from mcn.evaluate import main
+
+    assert main([str(study_dir), "--output_file", str(tmp_path / "out.csv")]) == 0
+    for name in ("out_study.md", "out.md"):
+        lines = (tmp_path / name).read_text().splitlines()
+        headers = [i for i, line in enumerate(lines) if line.startswith("| ") and lines[i + 1].startswith("|---")]
+        assert len(headers) == (4 if name == "out_study.md" else 1)
+        for i in headers:
+            columns = [c.strip() for c in lines[i].strip("|").split("|")]
+            legend = next(line for line in lines[i:] if line.startswith("Columns: "))
+            assert not [c for c in columns if f"`{c}`: " not in legend], (name, legend)
+    assert (
+        "`oracle_gap_used`: (fusion - logit average) / (oracle - logit average)"
+        in (tmp_path / "out_study.md").read_text()
+    )
+    assert r"\par\footnotesize Columns: group:" in (tmp_path / "out_study.tex").read_text()
+
+
+def test_unreadable_runs_are_skipped_with_one_warning_each(study_dir, tmp_path):
+    """A sweep with broken runs among good ones: each is named with its file and fix, listed, and in no mean."""
+    runs = {p.name: p for p in study_dir.iterdir()}
+    broken = {
+        "0_fusion=multiplicative,seed=0": "fusion_training_results_multiplicative.json: truncated or not JSON",
+        "1_fusion=multiplicative,seed=1": "is not an mcn fusion results file (it holds a concatenation run's results",
+        "2_fusion=multiplicative,seed=2": "run_status.json: truncated or not an mcn run status",
+        "3_fusion=multiplicative,seed=3": "is not the CSV it should be (no column 'phase')",
+        "5_fusion=concatenation,seed=0": "robustness_concatenation.csv, line 2: accuracy is 'n/a', not a number",
+        "6_fusion=concatenation,seed=1": "(pretrained_stacking_test_accuracy is 95.2, not a number in [0, 1])",
+    }
+    results = FusionRunFiles(runs["0_fusion=multiplicative,seed=0"], "multiplicative").results
+    results.write_text(results.read_text()[:200])
+    other = FusionRunFiles(runs["5_fusion=concatenation,seed=0"], "concatenation").results.read_text()
+    FusionRunFiles(runs["1_fusion=multiplicative,seed=1"], "multiplicative").results.write_text(other)
+    (runs["2_fusion=multiplicative,seed=2"] / "run_status.json").write_text('{"stage": "fus')
+    FusionRunFiles(runs["3_fusion=multiplicative,seed=3"], "multiplicative").report.write_text("a,b\n1,2\n")
+    robustness = FusionRunFiles(runs["5_fusion=concatenation,seed=0"], "concatenation").robustness_csv
+    robustness.write_text("model_type,test_type,uncertainty_metric,accuracy,auroc\nfusion,corruption,,n/a,\n")
+    percent = FusionRunFiles(runs["6_fusion=concatenation,seed=1"], "concatenation").results
+    saved = json.loads(percent.read_text())
+    saved["baselines"]["pretrained"]["stacking"]["accuracy"] = 95.2  # a percentage, deep in the record
+    percent.write_text(json.dumps(saved))
+    result = run_cli([str(study_dir), "--output_file", str(tmp_path / "out.csv")], tmp_path, module="mcn.evaluate")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == len(broken)
+    for line, (folder, says) in zip(sorted(warnings), sorted(broken.items())):
+        assert line.startswith(f"mcn: warning: skipped {study_dir / folder} (in no mean): ") and says in line, line
+    assert "6 finished runs in 4 groups" in result.stdout and "6 unreadable" in result.stdout
+    with open(tmp_path / "out.csv") as f:
+        rows = {r["folder"]: r for r in csv.DictReader(f)}
+    assert {r["status"] for f, r in rows.items() if f.rsplit("/", 1)[-1] in broken} == {"unreadable"}
+    # the runs' fixes, followed, bring them back: the robustness CSV deleted, the status deleted
+    robustness.unlink()
+    (runs["2_fusion=multiplicative,seed=2"] / "run_status.json").unlink()
+    result = run_cli([str(study_dir), "--output_file", str(tmp_path / "out.csv")], tmp_path, module="mcn.evaluate")
+    assert "8 finished runs in 4 groups" in result.stdout and result.stderr.count("mcn: warning:") == 4
+
+
+def test_a_lone_unreadable_run_ends_in_one_line_and_writes_nothing(tmp_path):
+    write_run(tmp_path / "sweep" / "run", "multiplicative", 0, 0.9, {})
+    results = FusionRunFiles(tmp_path / "sweep" / "run", "multiplicative").results
+    results.write_text(json.dumps({**json.loads(results.read_text()), "test_accuracy": 97.3}))  # a percentage
+    (tmp_path / "out").mkdir()
+    output = ["--output_file", str(tmp_path / "out" / "s.csv")]
+    result = run_cli([str(tmp_path / "sweep"), *output], tmp_path, module="mcn.evaluate")
+    assert result.returncode == 2 and result.stderr == (
+        f"mcn: error: {results} is not an mcn fusion results file (test_accuracy is 97.3, but accuracies are "
+        "fractions in [0, 1]); move it out of the run's folder or run the fusion run again to write it anew\n"
+    )
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_bad_paths_and_keys_end_in_one_line_before_anything_is_written(study_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "a_file").write_text("")
+    (out / "s_study.md").mkdir()  # a folder where the study's Markdown goes
+    results = next(study_dir.glob("0_*/fusion_training_results_*.json"))
+    cases = [
+        (
+            [str(results)],
+            f"{results} is a file, not a folder; point at the sweep or pipeline folder that holds the runs' folders",
+        ),
+        (
+            ["--output_file", str(out)],
+            f"--output_file {out} is a folder; name a CSV file, e.g. --output_file {out / 'summary.csv'}",
+        ),
+        (
+            ["--output_file", str(tmp_path / "a_file" / "s.csv")],
+            f"cannot write {tmp_path / 'a_file' / 's.csv'}: "
+            f"{tmp_path / 'a_file'} is a file, not a folder; pass another --output_file",
+        ),
+        (
+            ["--output_file", str(out / "s.csv")],
+            f"cannot write {out / 's_study.md'}: a folder of that name is in the "
+            "way; move it, or pass another --output_file",
+        ),
+        (
+            ["--output_file", str(out / "s.md")],
+            f"--output_file {out / 's.md'}: the per-run table is a CSV, and the "
+            f"other files are named after it; name it e.g. {out / 's.csv'}",
+        ),
+        (
+            ["--output_file", str(out / "t.csv"), "--vary", "splt.seed"],
+            "--vary splt.seed: no run's config has this key (did you mean split.seed",
+        ),
+    ]
+    for args, message in cases:
+        argv = args if args[0] == str(results) else [str(study_dir), *args]
+        result = run_cli(argv, tmp_path, module="mcn.evaluate")
+        assert result.returncode == 2 and result.stderr.startswith(f"mcn: error: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert [p.name for p in out.iterdir()] == ["s_study.md"] and not list((out / "s_study.md").iterdir())
+    assert "keys whose values differ between these runs: optim.head_lr;" in result.stderr
+    # the fix of the first output error, followed
+    result = run_cli([str(study_dir), "--output_file", str(out / "summary.csv")], tmp_path, module="mcn.evaluate")
+    assert result.returncode == 0 and (out / "summary_study.md").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_output_folder_that_is_not_writable_ends_in_one_line(study_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    result = run_cli([str(study_dir), "--output_file", str(locked / "s.csv")], tmp_path, module="mcn.evaluate")
+    assert result.returncode == 1 and result.stderr == (
+        f"mcn: error: cannot write {locked / 's.csv'}: {locked} is not writable (permissions, or a read-only disk); "
+        "make it writable, or pass another --output_file\n"
+    )

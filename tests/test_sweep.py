@@ -69,10 +69,7 @@ def test_bad_folders_and_commands_are_one_line(tmp_path):
     assert "is not a sweep folder" in sweep_cli(["status", str(tmp_path)], tmp_path).stderr
     Sweep(tmp_path, "local", str(tmp_path), ".submitit/%j", [SweepJob(0, ["fusion=a"], "0_fusion=a", ["123"])]).save()
     local = sweep_cli(["retry", str(tmp_path)], tmp_path)
-    assert (
-        local.returncode == 2
-        and "ran on the local launcher; run the same command again with hydra.sweep.dir=" in local.stderr
-    )
+    assert local.returncode == 2 and "ran on the local launcher; rerun its unfinished jobs with: cd " in local.stderr
     no_slurm = sweep_cli(["cancel", str(tmp_path)], tmp_path, path=os.path.dirname(sys.executable))
     assert no_slurm.returncode == 2 and "no `scancel` on the PATH" in no_slurm.stderr
     for proc in (missing, not_a_sweep, local, no_slurm):
@@ -91,7 +88,7 @@ def test_local_sweep_reports_a_failed_job_and_a_named_relaunch_skips_done_jobs(t
     best = f"{done['best_val_accuracy']:.4f}"
     assert lines[2].split()[2:] == ["COMPLETED", "1/1", best, "0", "trainer.epochs=1"]
     assert lines[3].split()[2:] == ["FAILED", "-", "-", "0", "trainer.epochs=-1"]
-    assert lines[4].strip() == "error: trainer.epochs=-1 must be a positive number; e.g. trainer.epochs=10"
+    assert lines[4].strip() == "error: trainer.epochs=-1 must be a whole number >= 0; e.g. trainer.epochs=10"
 
     # the same name, one job more: job 0 is done and skipped, only the new one runs
     args = ["-m", *LOCAL, "sweep.name=relaunch"]

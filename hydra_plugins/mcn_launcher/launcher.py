@@ -4,6 +4,11 @@ retried and relaunched in place (mcn.sweep), and says why in one line when it ca
 - Slurm: the jobs go out as arrays no larger than the cluster's MaxArraySize, the command prints the array
   ids, the sweep folder and the `python -m mcn.sweep` commands and returns; hydra.launcher.wait=true waits
   for the jobs instead (submitit's behaviour). The local launcher always waits.
+- What runs is what was submitted: `launch` copies the code and config (the mcn package, these launchers, conf/) to
+  `<sweep>/.code/<hash>/` (mcn.files.code, reused while they do not change), and every job of that submission
+  imports and composes its config from the copy, whether it starts at once, hours later, after a requeue or from
+  `mcn.sweep retry`: PYTHONPATH names the copy (PYTHONSAFEPATH keeps a checkout in the working directory off
+  sys.path, Python >= 3.11), and the Hydra context pickled with the launcher searches the copy's conf/.
 - Every sweep keeps a manifest in its folder (mcn.cluster.manifest.Sweep). Launching into a sweep folder that has one
   (the same sweep.name, or hydra.sweep.dir) skips the jobs whose run is done and, on Slurm, those still
   queued or running; the others start again in their own folders, where they resume from train_state.pth.
@@ -14,13 +19,18 @@ retried and relaunched in place (mcn.sweep), and says why in one line when it ca
 Requeue on preemption / time-out is Slurm's and submitit's; resuming is the recipes' (train_state.pth).
 """
 
+import dataclasses
 import logging
 import os
+import shlex
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobStatus, filter_overrides
@@ -28,11 +38,14 @@ from omegaconf import OmegaConf, open_dict
 
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from mcn import shell
 from mcn.cli import fail as _fail
 from mcn.cluster.jobs import JobState, job_states, submitted_message
 from mcn.cluster.manifest import Sweep
 from mcn.cluster.slurm import last_error_line, max_array_size
 from mcn.errors import MCNError
+from mcn.files import RunFolder, read_status
+from mcn.files.code import code_root, describe, snapshot_code
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +60,43 @@ ConfigStore.instance().store(group="hydra/launcher", name="mcn_slurm", node=MCNS
 
 
 class _SweepLauncher(BaseSubmititLauncher):
-    """What both launchers share: the manifest, skipping finished jobs, submitting in arrays, waiting."""
+    """What both launchers share: the manifest, the code snapshot, skipping finished jobs, submitting in arrays,
+    waiting."""
+
+    code: dict | None = None  # the snapshot the jobs run (mcn.files.code); None: a launcher pickled before snapshots
+
+    def freeze_code(self, sweep: Sweep) -> None:
+        """Copy the code and config to the sweep folder and point this launcher's jobs at the copy: their config is
+        composed from its conf/ (Hydra's search path, pickled with the launcher), their modules come from it
+        (`code_environment`)."""
+        self.code = snapshot_code(sweep.files.code)
+        sweep.code = self.code["hash"]
+        conf, copy = code_root() / "conf", Path(self.code["path"]) / "conf"
+        loader = self.hydra_context.config_loader
+        search_path = ConfigSearchPathImpl()
+        for element in loader.get_search_path().get_path():
+            path = element.path
+            if element.provider == "main" and Path(path.removeprefix("file://")).resolve() == conf:
+                path = str(copy)
+            elif element.provider == "main":
+                log.warning("the config in %s is not mcn's conf/: jobs read it as it is when they start", path)
+            search_path.append(element.provider, path)
+        self.hydra_context = dataclasses.replace(self.hydra_context, config_loader=ConfigLoaderImpl(search_path))
+        print(f"mcn: the jobs run code {describe(self.code)} from {self.code['path']}, not the checkout", flush=True)
+        if sys.version_info < (3, 11) and (Path.cwd() / "mcn").is_dir():  # no PYTHONSAFEPATH before 3.11
+            log.warning(
+                "Python %d.%d puts the working directory, a checkout, ahead of the snapshot on the jobs' sys.path: "
+                "they import its code as it is when they start; launch from another folder to pin it",
+                *sys.version_info[:2],
+            )
+
+    def code_environment(self, pythonpath: str | None) -> dict[str, str]:
+        """What a job's environment needs to import from the snapshot: the snapshot first on sys.path, then
+        `pythonpath` (the job's own PYTHONPATH), and no checkout in the working directory ahead of them (`python -m
+        submitit.core._submit` puts the working directory first, unless PYTHONSAFEPATH is set)."""
+        if self.code is None:
+            return {}
+        return {"PYTHONPATH": self.code["path"] + (f":{pythonpath}" if pythonpath else ""), "PYTHONSAFEPATH": "1"}
 
     def skip(self, view: JobState) -> bool:
         """A relaunch skips the jobs whose run is done (a local sweep's jobs run nowhere else)."""
@@ -98,11 +147,12 @@ class _SweepLauncher(BaseSubmititLauncher):
                         f"timeout_min)"
                     )
                 _fail(
-                    f"{refused}, after {len(submitted)} of {len(jobs)} jobs; python -m mcn.sweep retry {sweep.root} "
-                    f"submits the rest"
+                    f"{refused}, after {len(submitted)} of {len(jobs)} jobs; "
+                    f"{shell.command('mcn.sweep', 'retry', sweep.root)} submits the rest"
                 )
             for job, array_job in zip(chunk, arrays):
                 job.job_ids.append(array_job.job_id)
+                job.code = self.code and self.code["hash"]
             sweep.save()
             submitted += arrays
         return submitted
@@ -127,17 +177,20 @@ class _SweepLauncher(BaseSubmititLauncher):
         sweep.save()
         if not todo:
             print(f"mcn: nothing to submit: every job of {sweep_dir} is done or still queued or running")
-            print(f"mcn: python -m mcn.sweep status {sweep_dir}")
+            print(f"mcn: {shell.command('mcn.sweep', 'status', sweep_dir)}")
             return []
+        self.freeze_code(sweep)
         singletons = Singleton.get_state()
         sweep.keep_launcher(self, singletons)
         submitted = self.submit(sweep, todo, singletons)
         return self.results(submitted, todo, skipped, sweep_dir)
 
     def results(self, submitted: list, jobs: list, skipped: list[JobState], sweep_dir: Path) -> list:
-        """Wait for every job; a job that failed or ended without a result is one line, then the exit."""
+        """Wait for every job, with one line as each ends; a job that failed or ended without a result is one line,
+        then the exit."""
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
+        self.follow(submitted, jobs, sweep_dir)
         try:
             returns = [job.results()[0] for job in submitted]
         except FailedJobError as e:
@@ -156,6 +209,29 @@ class _SweepLauncher(BaseSubmititLauncher):
             raise SystemExit(2 if all(isinstance(r._return_value, MCNError) for _, r in failed) else 1)
         return returns
 
+    def follow(self, submitted: list, jobs: list, sweep_dir: Path, every_s: float = 1.0) -> None:
+        """Until every job has ended: one line as each ends, with its run's outcome (run_status.json); the jobs'
+        own lines, each epoch's included, are in the log files of their folders."""
+        waiting = list(zip(jobs, submitted))
+        while waiting:
+            running = []
+            for job, submission in waiting:
+                if submission.done():
+                    print(f"mcn: job #{job.num} {_outcome(sweep_dir / job.folder)}", flush=True)
+                else:
+                    running.append((job, submission))
+            waiting = running
+            if waiting:
+                time.sleep(every_s)
+
+
+def _outcome(folder: Path) -> str:
+    """How a job's run ended (its run_status.json), and its folder."""
+    run = read_status(RunFolder(folder).status) or {}
+    if run.get("state") != "done":
+        return f"{run.get('state') or 'ended before its run started'} ({folder})"
+    return f"done: best val {run['best_val_accuracy']:.4f} at epoch {run['best_epoch']} of {run['epochs']} ({folder})"
+
 
 class MCNSlurmLauncher(_SweepLauncher):
     _EXECUTOR = "slurm"
@@ -170,6 +246,18 @@ class MCNSlurmLauncher(_SweepLauncher):
 
     def array_size(self) -> int | None:
         return max_array_size()
+
+    def executor(self):
+        """The request, plus lines of the job script that put the job on the sweep's code snapshot: they run again
+        when Slurm requeues it."""
+        executor = super().executor()
+        own = "${PYTHONPATH:+:$PYTHONPATH}"  # the job's own PYTHONPATH, as its setup lines left it
+        exports = [
+            f"export {k}={shlex.quote(v)}{own if k == 'PYTHONPATH' else ''}"
+            for k, v in self.code_environment(None).items()
+        ]
+        executor.update_parameters(slurm_setup=[*(self.params.get("setup") or []), *exports])
+        return executor
 
     def results(self, submitted: list, jobs: list, skipped: list[JobState], sweep_dir: Path) -> list:
         """Say what was submitted and how to follow it; wait only with hydra.launcher.wait=true."""
@@ -191,8 +279,15 @@ class MCNLocalLauncher(_SweepLauncher):
     def submit(self, sweep, jobs: list, singletons: dict) -> list:
         """The jobs run at once on this machine's cores: each learns how many share them (MCN_LOCAL_JOBS), so that
         its default thread count (mcn.training.runtime.choose_threads) does not oversubscribe them."""
-        os.environ["MCN_LOCAL_JOBS"] = str(len(jobs))  # read by the job processes, which inherit it
+        # the job processes inherit these: the jobs sharing the cores, and the code snapshot
+        env = {"MCN_LOCAL_JOBS": str(len(jobs)), **self.code_environment(os.environ.get("PYTHONPATH"))}
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             return super().submit(sweep, jobs, singletons)
         finally:
-            os.environ.pop("MCN_LOCAL_JOBS", None)
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

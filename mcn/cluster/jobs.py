@@ -7,9 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mcn import shell
 from mcn.cluster.manifest import Sweep, SweepJob
 from mcn.cluster.slurm import LIVE, last_error_line, slurm_states
 from mcn.files import RunFolder, read_status
+from mcn.files.code import describe, snapshot_version
 
 # a run folder's state (run_status.json) as a job state, where Slurm has nothing to say
 FROM_RUN_STATE = {"running": "RUNNING", "done": "COMPLETED", "failed": "FAILED", "interrupted": "INTERRUPTED"}
@@ -60,6 +62,16 @@ def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[J
     return views, slurm is not None
 
 
+def job_code(sweep: Sweep, view: JobState) -> dict | None:
+    """The code version a job runs or ran (mcn.files.code): its run's once it has started, else the snapshot it was
+    submitted with; None when neither is known."""
+    if view.run.get("code") and view.state not in ("PENDING", "UNSUBMITTED"):
+        return view.run["code"]
+    if view.job.code:
+        return snapshot_version(sweep.files.code, view.job.code) or {"hash": view.job.code}
+    return None
+
+
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -72,9 +84,9 @@ def submitted_message(folder: str | Path, job_ids: list[str], skipped: list[JobS
         lines[0] += f" (skipped {len(skipped)}: " + ", ".join(f"#{v.job.num} {v.state}" for v in skipped) + ")"
     lines += [
         f"mcn: sweep folder {folder}; follow it with",
-        f"  python -m mcn.sweep status {folder} --watch",
-        f"  python -m mcn.sweep retry {folder}    # resubmits failed, cancelled and timed-out jobs",
-        f"  python -m mcn.sweep cancel {folder}",
+        f"  {shell.command('mcn.sweep', 'status', folder, '--watch')}",
+        f"  {shell.command('mcn.sweep', 'retry', folder)}    # resubmits failed, cancelled and timed-out jobs",
+        f"  {shell.command('mcn.sweep', 'cancel', folder)}",
     ]
     return "\n".join(lines)
 
@@ -102,10 +114,14 @@ def status_table(sweep: Sweep, views: list[JobState], from_slurm: bool) -> str:
         )
         if v.error:
             lines.append(f"{'':>5}error: {v.error}")
+        code = job_code(sweep, v)
+        if sweep.code and code and code["hash"] != sweep.code:
+            ours = snapshot_version(sweep.files.code, sweep.code) or {"hash": sweep.code}
+            lines.append(f"{'':>5}code: {describe(code)}, not the sweep's latest {describe(ours)}")
     if any(v.needs_submit for v in views):
         lines.append(
-            f"resubmit the failed ones: python -m mcn.sweep retry {sweep.root}"
+            f"resubmit the failed ones: {shell.command('mcn.sweep', 'retry', sweep.root)}"
             if sweep.launcher == "slurm"
-            else f"rerun the failed ones: the same command with hydra.sweep.dir={sweep.root}"
+            else f"rerun the failed ones: {sweep.command}"
         )
     return "\n".join(lines)

@@ -3,6 +3,7 @@ Every query answers None where Slurm is not installed or does not answer."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -50,10 +51,25 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
     states = dict(line.split("|", 1) for line in queued.split())
     ended = ",".join(sorted({i.split("_")[0] for i in job_ids if i not in states}))
     accounted = _slurm("sacct", "-n", "-P", "-X", "-j", ended, "-o", "JobID,State") if ended else ""
-    for line in (accounted or "").splitlines():
-        job_id, state = line.split("|", 1)
-        states.setdefault(job_id, state.split()[0])  # "CANCELLED by 0" -> CANCELLED
+    records = [line.split("|", 1) for line in (accounted or "").splitlines()]
+    # a task's own record first; then the record of the array's tasks that never started, e.g. "12_[1-3%2]"
+    for job_id, state in sorted(records, key=lambda r: "[" in r[0]):
+        for task in _array_tasks(job_id):
+            states.setdefault(task, state.split()[0])  # "CANCELLED by 0" -> CANCELLED
     return states
+
+
+def _array_tasks(job_id: str) -> list[str]:
+    """sacct's JobID as the job ids it stands for: "12_[0-2,5%2]" (tasks that never started) -> 12_0, 12_1, 12_2,
+    12_5; any other id as itself."""
+    match = re.fullmatch(r"(\d+)_\[([\d,-]+)(?:%\d+)?\]", job_id)
+    if not match:
+        return [job_id]
+    tasks = []
+    for part in match[2].split(","):
+        first, _, last = part.partition("-")
+        tasks += [f"{match[1]}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return tasks
 
 
 def max_array_size() -> int | None:

@@ -15,6 +15,16 @@ set, and reports on the test set, with everything fitted or selected on the othe
   training have not trained on;
 - `best_single_expert`: the expert with the best val accuracy, ties to the lowest index (`index`).
 
+A fit that ends at the edge of its search is flagged: its `flag` says so in words (None: a fit inside its search).
+- The temperature: when the logit average gets every val image right, the val NLL keeps falling as T -> 0 and has
+  no minimum; the search then stops at its lower bound (0.01), and dividing by it turns every wrong test image into a
+  near-certain mistake (a test NLL of 0.07 became 1.50). A fit at either bound of TEMPERATURE_RANGE therefore falls
+  back to T = 1, the plain logit average (`temperature` 1.0, with the flag): a defined number for the group mean,
+  never the degenerate one.
+- The C of `stacking` and `stacking_cv`: a C at either end of STACKING_C is still the one val chose, and its model a
+  valid stacker, so it is kept and flagged (a wider grid might choose further out).
+The study report marks every flagged baseline in its tables (†) and says how many runs are flagged, and why.
+
 Each value is `calibration()` on test (`accuracy`, `nll`, `ece`) plus that extra, and `val_accuracy`: its accuracy
 on the fusion validation part, where the fusion's best epoch is chosen too (for `stacking_cv` the mean held-out
 accuracy of its cross-validation at the chosen C): the comparison that may decide a default. With one expert
@@ -45,14 +55,16 @@ ECE_BINS = 15
 STACKING_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # inverse L2 strengths tried for stacking; val NLL picks one
 STACKING_FOLDS = 5  # stacking_cv's cross-validation folds on the validation part
 TEMPERATURE_RANGE = (1e-2, 1e2)  # the temperature search interval
+AT_BOUND = 1e-3  # a fitted log-temperature this close to a bound's is at it (the search stops within 1e-6)
 CALIBRATION_METRICS = ("accuracy", "nll", "ece")  # what calibration() returns
+FLAG = "flag"  # a fitted baseline's note when its fit ended at the edge of its search (None: inside it)
 # every baseline, and what it reports besides calibration(): what was fitted or chosen, and its val accuracy
 BASELINES = {
     "logit_average": ("val_accuracy",),
     "probability_average": ("val_accuracy",),
-    "temperature_scaled_average": ("temperature", "val_accuracy"),
-    "stacking": ("C", "val_accuracy"),
-    "stacking_cv": ("C", "val_accuracy"),
+    "temperature_scaled_average": ("temperature", FLAG, "val_accuracy"),
+    "stacking": ("C", FLAG, "val_accuracy"),
+    "stacking_cv": ("C", FLAG, "val_accuracy"),
     "best_single_expert": ("index", "val_accuracy"),
 }
 
@@ -90,16 +102,37 @@ def calibration(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T minimising the NLL of `logits / T` (searched over log T: the NLL is unimodal in it)."""
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, str | None]:
+    """(T, None): the temperature T in TEMPERATURE_RANGE minimising the NLL of `logits` [N, C] / T against `labels`
+    [N] (searched over log T: the NLL is unimodal in it). (1.0, why) when the minimum is at a bound of the range
+    (see the module docstring): every image right (the NLL falls as T -> 0, and underflows to a flat 0 before the
+    search reaches the bound), or a search that stopped within AT_BOUND of a bound."""
     logits = logits.double()
 
     def nll(log_t: float) -> float:
         return F.cross_entropy(logits / math.exp(log_t), labels).item()
 
     low, high = TEMPERATURE_RANGE
+    if bool((logits.argmax(-1) == labels).all()):
+        return 1.0, (
+            f"temperature fit at its search bound {low:g}: the logit average gets every val image right, so the val "
+            f"NLL has no minimum; T = 1 (no scaling) used"
+        )
     found = minimize_scalar(nll, bounds=(math.log(low), math.log(high)), method="bounded", options={"xatol": 1e-6})
-    return math.exp(found.x)
+    for bound in TEMPERATURE_RANGE:
+        if abs(found.x - math.log(bound)) < AT_BOUND:
+            return 1.0, (
+                f"temperature fit at its search bound {bound:g}: the val NLL has no minimum inside "
+                f"[{low:g}, {high:g}]; T = 1 (no scaling) used"
+            )
+    return math.exp(found.x), None
+
+
+def _c_flag(c: float) -> str | None:
+    """A C at either end of STACKING_C: kept (val chose it), and said."""
+    if c in (STACKING_C[0], STACKING_C[-1]):
+        return f"C = {c:g} is at the edge of its grid [{STACKING_C[0]:g}, {STACKING_C[-1]:g}]: kept (val chose it)"
+    return None
 
 
 def _features(expert_logits: torch.Tensor) -> np.ndarray:
@@ -204,10 +237,11 @@ def expert_baselines(train: Part, val: Part, test: Part) -> dict[str, dict | Non
         **calibration(mean_log_probability(test_logits), test_labels),
         "val_accuracy": on_val(mean_log_probability(val_logits)),
     }
-    temperature = fit_temperature(val_logits.mean(0), val_labels)
+    temperature, flag = fit_temperature(val_logits.mean(0), val_labels)
     out["temperature_scaled_average"] = {
         **calibration(test_logits.mean(0) / temperature, test_labels),
         "temperature": temperature,
+        FLAG: flag,
         "val_accuracy": average_val,  # a temperature does not move the argmax
     }
     classes = test_logits.shape[-1]
@@ -215,12 +249,14 @@ def expert_baselines(train: Part, val: Part, test: Part) -> dict[str, dict | Non
     out["stacking"] = {
         **calibration(_log_probabilities(model, _features(test_logits), classes), test_labels),
         "C": c,
+        FLAG: _c_flag(c),
         "val_accuracy": on_val(_log_probabilities(model, _features(val_logits), classes)),
     }
     model, c, held_out_accuracy = fit_stacking_cv((val_logits, val_labels))
     out["stacking_cv"] = {
         **calibration(_log_probabilities(model, _features(test_logits), classes), test_labels),
         "C": c,
+        FLAG: _c_flag(c),
         "val_accuracy": held_out_accuracy,
     }
     return out

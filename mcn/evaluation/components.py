@@ -8,7 +8,12 @@ From Python:
     model = components.load_complete(run_dir, "multiplicative")
     metrics = components.evaluate_model(model, run_dir, split="test")
 
-Every file is loaded without running code from it, and must be what its name says it is.
+Every file is loaded without running code from it, and must be what its name says it is. A file swapped in from
+another run (`fusion_file`, `global_file`) must fit this run by the `architecture` and identity it records: a fusion
+module of this run's fusion type, taking these experts' number and widths; a global head of a run of this fusion type,
+reading this fusion module's width and giving this data set's classes; both trained on this data set. Otherwise it is
+refused with one line naming the file, what it holds and what the run needs: its weights would mean nothing here,
+even where their shapes fit.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ def load_component(
 
 def list_components(checkpoint_dir: str | Path) -> list[Component]:
     root = Path(checkpoint_dir)
+    if root.is_file():
+        raise CheckpointError(f"--checkpoint_dir {root} is a file, not a folder; point it at a fusion run's folder")
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist")
     found = []
@@ -110,6 +117,30 @@ def _pick_type(checkpoint_dir: Path, fusion_type: str | None) -> str:
 def best_epoch(checkpoint_dir: str | Path, fusion_type: str) -> int:
     path = FusionRunFiles(Path(checkpoint_dir), fusion_type).complete()
     return load_component(path, "complete", fusion_type=fusion_type)["epoch"]
+
+
+def _data_name(ckpt: dict) -> str | None:
+    """The data set a component was trained on, from the config it keeps (None: a file without one)."""
+    return ((ckpt.get("config") or {}).get("data") or {}).get("name")
+
+
+def _check_swapped_in(path: Path, ckpt: dict, option: str, run: str, fusion_type: str, data_name: str | None) -> None:
+    """A fusion module or global head passed as `option` must come from a run like `run`: of its fusion type (a
+    global head reads the features of its own fusion module) and on its data set."""
+    what = "fusion module" if ckpt["component"] == "fusion" else "global head"
+    theirs = ckpt["architecture"].get("name") if what == "fusion module" else ckpt.get("fusion_type")
+    if theirs is not None and theirs != fusion_type:
+        raise CheckpointError(
+            f"{option} {path} holds the {what} of a {theirs} run ({ckpt['architecture']}), but {run} is a "
+            f"{fusion_type} run and needs the {what} of a {fusion_type} run; pass one (python -m mcn.components "
+            f"--checkpoint_dir <a {fusion_type} run> --action list shows its files)"
+        )
+    trained_on = _data_name(ckpt)
+    if trained_on is not None and data_name is not None and trained_on != data_name:
+        raise CheckpointError(
+            f"{option} {path} holds a {what} trained on {trained_on}, but {run} is a {data_name} run; pass the "
+            f"{what} of a {fusion_type} run on {data_name}"
+        )
 
 
 def _file(checkpoint_dir: Path, path: Path, what: str, epoch: int | None) -> Path:
@@ -172,13 +203,10 @@ def reconstruct(
         epoch=None if fusion_file else fusion_epoch,
         fusion_type=None if fusion_file else fusion_type,
     )
-    if (
-        fusion_ckpt["architecture"]["name"] != fusion_type
-    ):  # a swapped-in file of another type: its weights mean nothing here
-        raise CheckpointError(
-            f"{fusion_path} is a {fusion_ckpt['architecture']['name']} fusion module, but {root} is a {fusion_type} "
-            f"run; swap in a {fusion_type} fusion module"
-        )
+    swapped = fusion_file or global_file
+    data_name = _data_name(load_component(files.complete(), "complete", fusion_type=fusion_type)) if swapped else None
+    if fusion_file:
+        _check_swapped_in(fusion_path, fusion_ckpt, "--fusion_file", str(root), fusion_type, data_name)
     fusion = _fusion_for(
         fusion_ckpt, fusion_path, experts, [files.expert(i, e).name for i, e in enumerate(expert_epochs)]
     )
@@ -186,11 +214,14 @@ def reconstruct(
         Path(global_file) if global_file else _file(root, files.global_head(global_epoch), "global_head", global_epoch)
     )
     head_ckpt = load_component(head_path, "global_head", epoch=None if global_file else global_epoch)
+    if global_file:
+        _check_swapped_in(head_path, head_ckpt, "--global_file", str(root), fusion_type, data_name)
     classes, width, head_arch = experts[0].architecture["num_classes"], fusion.input_dim, head_ckpt["architecture"]
     if (head_arch["in_features"], head_arch["num_classes"]) != (width, classes):
         raise CheckpointError(
             f"global head {head_path} is {head_arch}; this fusion module and these experts need "
-            f"{{'in_features': {width}, 'num_classes': {classes}}}"
+            f"{{'in_features': {width}, 'num_classes': {classes}}}; pass the global head of a {fusion_type} run "
+            f"with experts like these"
         )
     model = MCN(experts, fusion, classes, width, ensemble_start=head_arch.get("ensemble_start", False))
     load_weights(model.adapters, fusion_ckpt.get("adapters", {}), fusion_path, "adapters")
@@ -225,7 +256,8 @@ def _fusion_for(ckpt: dict, path: Path, experts: list[nn.Module], expert_files: 
         widths = [e.num_features for e in experts]
         raise CheckpointError(
             f"fusion module {path} takes {arch['num_experts']} experts of width {width}; these are {k} experts "
-            f"of width {widths[0] if len(set(widths)) == 1 else widths}"
+            f"of width {widths[0] if len(set(widths)) == 1 else widths}; pass a fusion module trained on {k} experts "
+            f"of these widths"
         )
     for i, (expert, d) in enumerate(zip(experts, takes)):
         if expert.num_features != d:  # an expert of another family fits only where its width does

@@ -1,21 +1,22 @@
 """The study report of a sweep (`write_report`): the per-run summary (`mcn.evaluation.summary`), the study
 (`mcn.evaluation.study`: groups of seeds, estimates, paired comparisons) and its figures: test accuracy per method
-and group (mean, 95 % CI, each run), validation accuracy per epoch (each group's mean and its runs), and, where the
-runs kept them, reliability diagrams of the fusion and the logit average."""
+and group (mean, 95 % CI clipped to [0, 1] as in the tables, each run), validation accuracy per epoch (each group's
+mean and its runs), and, where the runs kept them, reliability diagrams of the fusion and the logit average."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from mcn.errors import MCNError
+from mcn.errors import FileError, MCNError
 from mcn.evaluation.baselines import expected_calibration_error
 from mcn.evaluation.figures import pyplot, save_figure
 from mcn.evaluation.study import Study, make_study, pooled_reliability, write_study
-from mcn.evaluation.summary import collect_runs, write_summary
-from mcn.files import FusionRunFiles, read_csv
+from mcn.evaluation.summary import UNREADABLE, collect_runs, write_summary
+from mcn.files import check_writable
 
 # the accuracy figure's methods: the column of each run's test accuracy, and its legend. The temperature-scaled
 # average is left out: a temperature does not change the argmax, so its accuracy is the logit average's.
@@ -29,13 +30,6 @@ FIGURE_METHODS = {
     "joint_logit_average_test_accuracy": "logit average (experts after joint training)",
     "joint_stacking_cv_test_accuracy": "stacking on val, CV (experts after joint training)",
 }
-
-
-def _val_curve(row: dict) -> dict[int, float]:
-    report = FusionRunFiles(Path(row["folder"]), row["fusion_type"]).report
-    if not report.exists():
-        return {}
-    return {int(r["epoch"]): float(r["global_accuracy"]) for r in read_csv(report) if r["phase"] == "val"}
 
 
 def _accuracy_figure(study: Study):
@@ -57,7 +51,7 @@ def _accuracy_figure(study: Study):
             x, means, yerr=[below, above], fmt="o", ms=4, capsize=3, color=f"C{j}", label=FIGURE_METHODS[column]
         )
     ax.set_xticks(range(len(groups)), [f"{g.label}\n(n={len(g.runs)})" for g in groups], rotation=20, ha="right")
-    ax.set(ylabel="test accuracy", title="Test accuracy: mean and 95 % CI over seeds; dots are single runs")
+    ax.set(ylabel="test accuracy", title="Test accuracy: mean and 95 % CI over seeds (clipped to [0, 1]); dots: runs")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never over the data
     return fig
@@ -65,8 +59,8 @@ def _accuracy_figure(study: Study):
 
 def _val_figure(study: Study):
     """Each group's runs (thin) and their mean per epoch (thick); unfinished runs dashed."""
-    groups = [(g, [c for c in map(_val_curve, g.runs) if c]) for g in study.groups]
-    unfinished = [(row, _val_curve(row)) for row in study.unfinished]
+    groups = [(g, [r["val_curve"] for r in g.runs if r.get("val_curve")]) for g in study.groups]
+    unfinished = [(row, row.get("val_curve")) for row in study.unfinished]
     if not any(curves for _, curves in groups) and not any(curve for _, curve in unfinished):
         return None
     fig, ax = pyplot().subplots(figsize=(10, 4.5))
@@ -133,16 +127,52 @@ def plot(study: Study, prefix: Path) -> list[Path]:
     return written
 
 
-def write_report(sweep: str | Path, output: str | Path, vary: list[str] = ()) -> tuple[str, list[Path]]:
+def report_files(output: Path) -> list[Path]:
+    """Every file write_report may write for `output` (the per-run CSV): the CSV and its Markdown, the study's CSV,
+    Markdown and LaTeX, and each figure."""
+    prefix = output.with_suffix("")
+    study = [prefix.with_name(f"{prefix.name}_study{suffix}") for suffix in (".csv", ".md", ".tex")]
+    return [output, output.with_suffix(".md"), *study, *(prefix.with_name(prefix.name + s) for s in FIGURES)]
+
+
+def write_report(
+    sweep: str | Path, output: str | Path, vary: list[str] = (), warn: Callable[[str], None] | None = None
+) -> tuple[str, list[Path]]:
     """Everything this module writes for the fusion runs under `sweep`, beside `output` (the per-run CSV);
-    returns the study's Markdown and the paths written."""
+    returns the study's Markdown and the paths written. Nothing is written unless every output path can be
+    (`report_files`, checked first). A run with an unreadable file (`collect_runs`) is listed in the report and
+    in no mean, and `warn` gets one line naming it; when no run can be read, FileError says why instead.
+    MCNError for a sweep that is not a folder, an output that is not a `.csv` file, and `vary` keys no run has."""
     sweep, output = Path(sweep), Path(output)
+    if sweep.is_file():
+        raise MCNError(
+            f"{sweep} is a file, not a folder; point at the sweep or pipeline folder that holds the runs' folders"
+        )
     if not sweep.is_dir():
         raise MCNError(f"sweep folder {sweep} does not exist")
+    if output.is_dir():
+        raise MCNError(
+            f"--output_file {output} is a folder; name a CSV file, e.g. --output_file {output / 'summary.csv'}"
+        )
+    if output.suffix != ".csv":
+        raise MCNError(
+            f"--output_file {output}: the per-run table is a CSV, and the other files are named after it; "
+            f"name it e.g. {output.with_suffix('.csv')}"
+        )
+    check_writable(report_files(output), fix="pass another --output_file")
     rows = collect_runs(sweep)
     if not rows:
         raise MCNError(f"no fusion runs under {sweep} (no fusion_*_report.csv); point at a sweep or pipeline folder")
-    study = make_study(rows, vary)
+    unreadable = [r for r in rows if r["status"] == UNREADABLE]
+    if len(unreadable) == len(rows):
+        first = unreadable[0]["reason"]
+        raise FileError(
+            first if len(rows) == 1 else f"none of the {len(rows)} runs under {sweep} can be read; the first: {first}"
+        )
+    study = make_study(rows, vary)  # before the warnings: a bad --vary ends the command in its one line
+    for row in unreadable:
+        if warn:
+            warn(f"skipped {row['folder']} (in no mean): {row['reason']}")
     prefix = output.with_suffix("")
     markdown, study_files = write_study(study, prefix.with_name(prefix.name + "_study"), title=str(sweep))
     return markdown, [*write_summary(rows, output), *study_files, *plot(study, prefix)]

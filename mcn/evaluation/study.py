@@ -16,11 +16,20 @@ Statistics (scipy.stats) over the n finished runs of a group:
 - the verdict: "better" when the CI of d lies entirely above 0, "worse" when entirely below 0, otherwise
   "no detectable difference" (the same as p < 0.05, with the sign of the mean); "n too small" with fewer
   than 2 pairs. Identical differences in every run (no spread) give the point itself as interval.
-Runs that are not finished are in no mean; the report lists each with its state and reason.
+- Every interval stays inside the values its quantity can take (`value_range`): the t interval is clipped there,
+  to [0, 1] for an accuracy, ECE or AUROC and to [-1, 1] for a difference of accuracies (a t interval of a few
+  seeds near 100 % reaches past 1 otherwise). Clipping keeps the verdict: it never moves an end across 0.
+Fitted baselines whose fit ended at the edge of its search carry a `flag` (`mcn.evaluation.baselines`: a temperature
+at its bound falls back to T = 1, a C at its grid's edge is kept): their rows are marked † in the tables, each
+marked row is explained under its table with its count of runs, and the CSV counts them (`flagged`).
+Each table of the Markdown report is followed by a legend of its columns (`COLUMN_LEGEND`, `legend`).
+Runs that are not finished, or have a file that cannot be read, are in no mean; the report lists each with its state
+and reason.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections import Counter
@@ -31,8 +40,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from mcn.evaluation.baselines import BASELINES, CALIBRATION_METRICS
-from mcn.evaluation.summary import EXPERT_SETS, baseline_column
+from mcn.errors import MCNError
+from mcn.evaluation.baselines import BASELINES, CALIBRATION_METRICS, FLAG
+from mcn.evaluation.summary import COLUMN_LEGEND, EXPERT_SETS, baseline_column, value_range
 from mcn.evaluation.tables import latex_table, markdown_table
 from mcn.files import write_csv, write_text
 from mcn.training.config import REPLICATE_IGNORES
@@ -66,6 +76,9 @@ METHODS = {"fusion": {m: f"test_{m}" for m in CALIBRATION_METRICS} | {"val_accur
     for baseline, choices in BASELINES.items()
 }
 METHOD_METRICS = (*CALIBRATION_METRICS, "val_accuracy")  # the method table's columns of mean ± std; others: chosen
+# each column of a flagged baseline (one whose fit may end at the edge of its search), and that baseline's flag column
+FLAG_COLUMNS = {column: cols[FLAG] for cols in METHODS.values() if FLAG in cols for column in cols.values()}
+MARK = "†"  # a table row whose baseline was fitted at the edge of its search in some run
 VERDICT_RULE = (
     "verdict: the 95 % CI of the seed-paired difference (fusion - baseline, test accuracy) lies entirely above 0: "
     "better; entirely below 0: worse; otherwise: no detectable difference; fewer than 2 pairs: n too small"
@@ -87,7 +100,8 @@ class Estimate:
     ci_high: float | None = None
 
 
-def estimate(values: Sequence[float]) -> Estimate:
+def estimate(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
+    """The Estimate of `values`, its interval clipped to `bounds` (what the quantity can take: `value_range`)."""
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
         return Estimate(len(x), float(x[0]) if len(x) else None)
@@ -95,7 +109,7 @@ def estimate(values: Sequence[float]) -> Estimate:
     if std == 0:  # no spread: the interval is the point (the t interval would be nan)
         return Estimate(len(x), mean, 0.0, mean, mean)
     low, high = stats.t.interval(CONFIDENCE, len(x) - 1, loc=mean, scale=std / math.sqrt(len(x)))
-    return Estimate(len(x), mean, std, float(low), float(high))
+    return Estimate(len(x), mean, std, max(float(low), bounds[0]), min(float(high), bounds[1]))
 
 
 @dataclass(frozen=True)
@@ -111,8 +125,10 @@ class Comparison:
 
 
 def compare(fusion: Sequence[float], baseline: Sequence[float], reference: str) -> Comparison:
-    """Paired: `fusion[i]` and `baseline[i]` come from the same run."""
-    d = estimate(np.subtract(fusion, baseline))
+    """Paired: `fusion[i]` and `baseline[i]` come from the same run (test accuracies, like `reference`'s); the
+    difference's interval is clipped to what a difference can take, [-1, 1] for accuracies."""
+    low, high = value_range(reference)
+    d = estimate(np.subtract(fusion, baseline), (low - high, high - low))
     if d.n < 2:
         p, verdict = None, "n too small"
     else:
@@ -121,7 +137,7 @@ def compare(fusion: Sequence[float], baseline: Sequence[float], reference: str) 
         else:
             p = float(stats.ttest_rel(fusion, baseline).pvalue)
         verdict = "better" if d.ci_low > 0 else "worse" if d.ci_high < 0 else "no detectable difference"
-    return Comparison(reference, estimate(fusion), estimate(baseline), d, p, verdict)
+    return Comparison(reference, estimate(fusion, (low, high)), estimate(baseline, (low, high)), d, p, verdict)
 
 
 # ---------------------------------------------------------------- groups
@@ -137,7 +153,12 @@ class Group:
         return [r[column] for r in self.runs if r.get(column) is not None]
 
     def estimate(self, column: str) -> Estimate:
-        return estimate(self.values(column))
+        return estimate(self.values(column), value_range(column))
+
+    def flags(self, column: str) -> list[str]:
+        """The flags of the runs holding `column` whose baseline was fitted at the edge of its search."""
+        flag = FLAG_COLUMNS.get(column)
+        return [r[flag] for r in self.runs if flag and r.get(column) is not None and r.get(flag)]
 
     def compare(self, column: str, reference: str) -> Comparison:
         pairs = [
@@ -258,7 +279,8 @@ def comparison_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
             rows.append(
                 {
                     "group": g.label,
-                    "baseline": reference.removesuffix("_test_accuracy").replace("_", " ", 1),
+                    "baseline": reference.removesuffix("_test_accuracy").replace("_", " ", 1)
+                    + (f" {MARK}" if g.flags(reference) else ""),
                     "n": c.difference.n,
                     "fusion": _mean_std(c.fusion),
                     "baseline mean": _mean_std(c.baseline),
@@ -278,9 +300,10 @@ def methods_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
         for method, metric_columns in METHODS.items():
             if not g.values(metric_columns["accuracy"]):
                 continue
-            row = {"group": g.label, "method": method, "n": g.estimate(metric_columns["accuracy"]).n}
+            flagged = f" {MARK}" if g.flags(metric_columns["accuracy"]) else ""
+            row = {"group": g.label, "method": method + flagged, "n": g.estimate(metric_columns["accuracy"]).n}
             row |= {m: _mean_std(g.estimate(metric_columns[m])) for m in METHOD_METRICS}
-            choices = [k for k in metric_columns if k not in METHOD_METRICS]
+            choices = [k for k in metric_columns if k not in (*METHOD_METRICS, FLAG) and g.values(metric_columns[k])]
             row["chosen"] = " ".join(
                 f"{k}: " + " ".join(f"{v:.3g}" for v in g.values(metric_columns[k])) for k in choices
             )
@@ -290,16 +313,95 @@ def methods_table(groups: list[Group]) -> tuple[list[str], list[dict]]:
 
 UNFINISHED_COLUMNS = ["fusion_type", "status", "epochs_run", "reason", "folder"]
 
+# what each column of the study's tables says (the per-run columns are summary.COLUMN_LEGEND's); `legend` writes them
+# under each table
+STUDY_LEGEND = COLUMN_LEGEND | {
+    "group": "the fusion type; where several groups share it, the config keys in which this group differs",
+    "n": "runs in the mean (for a comparison: runs holding both the fusion's and the baseline's accuracy)",
+    "seeds": "the seeds of the group's runs",
+    "test_accuracy 95 % CI": "95 % confidence interval of the mean test accuracy (t distribution, n - 1 degrees of "
+    "freedom), clipped to [0, 1], the values an accuracy can take",
+    "baseline": "whose experts (pretrained: as they came in; joint: after joint training) and which baseline, "
+    "computed in the same run on the same test set",
+    "fusion": "the fusion's test accuracy over these runs, mean ± std",
+    "baseline mean": "the baseline's test accuracy over these runs, mean ± std",
+    "difference": "mean over the runs of fusion - baseline (test accuracy), run by run",
+    "95 % CI": "95 % confidence interval of that mean difference (t distribution, n - 1 degrees of freedom), clipped "
+    "to [-1, 1], the values a difference of accuracies can take",
+    "p": "two-sided paired t-test p-value of the difference",
+    "verdict": "from the 95 % CI, as the rule above says",
+    "method": "the fusion, or a baseline: its experts (pretrained or joint) and its kind",
+    "accuracy": "test accuracy, mean ± std over the runs",
+    "nll": "test negative log-likelihood (mean cross-entropy), mean ± std",
+    "ece": "test expected calibration error (15 equal-width confidence bins), mean ± std",
+    "chosen": "what each run fitted or picked on validation, run by run: temperature, C, expert index",
+}
+METRIC_CELLS = "Metric cells: mean ± sample std over the group's runs (one run: its value)"
+FLAG_RULE = (
+    f"{MARK}: fitted at the edge of its search in some runs (counted below); a temperature at its bound is replaced "
+    "by T = 1, the plain logit average, so the mean holds no degenerate fit; a stacking C at its grid's edge is kept, "
+    "as validation chose it"
+)
 
-def tables(groups: list[Group], unfinished: list[dict]) -> list[tuple[str, list[str], list[dict], str | None]]:
-    """(title, columns, rows, what Markdown says instead when there are no rows) of every table of the report,
-    rendered alike as Markdown and LaTeX."""
+
+def legend(columns: Sequence[str]) -> str:
+    """One line saying what each column means (the columns without an entry are left out)."""
+    return "Columns: " + "; ".join(f"`{c}`: {STUDY_LEGEND[c]}" for c in columns if c in STUDY_LEGEND) + "."
+
+
+def _flag_notes(groups: list[Group], columns: Sequence[str]) -> list[str]:
+    """One line per group and flagged baseline of `columns`: how many of its runs, and why."""
+    notes = []
+    for g in groups:
+        for column in columns:
+            flags = g.flags(column)
+            if flags:
+                label = column.removesuffix("_test_accuracy").replace("_", " ", 1)
+                why = "; ".join(sorted(set(flags)))
+                notes.append(f"{MARK} {g.label}, {label}: {len(flags)} of {len(g.values(column))} runs: {why}.")
+    return notes
+
+
+def tables(groups: list[Group], unfinished: list[dict]) -> list[tuple[str, list[str], list[dict], str | None, str]]:
+    """(title, columns, rows, what Markdown says instead when there are no rows, the note under it: the legend of
+    its columns and what its marks mean) of every table of the report, rendered alike as Markdown and LaTeX."""
     no_baselines = "No finished run holds baselines (`baselines` in its results JSON): nothing to pair with."
+    fusion, comparison, methods = fusion_table(groups), comparison_table(groups), methods_table(groups)
+    method_accuracies = [cols["accuracy"] for cols in METHODS.values()]
+
+    def note(columns: list[str], *extra: str) -> str:
+        return "\n".join([legend(columns), *extra])
+
+    def flagged(columns: Sequence[str]) -> list[str]:
+        notes = _flag_notes(groups, columns)
+        return ["", FLAG_RULE + ":", *(f"- {n}" for n in notes)] if notes else []
+
     return [
-        ("Fusion per group: mean ± std over seeds", *fusion_table(groups), "No finished run."),
-        ("Fusion vs. baselines: seed-paired difference in test accuracy", *comparison_table(groups), no_baselines),
-        ("Every method on the test set: mean ± std over seeds", *methods_table(groups), None),
-        ("Runs not in any mean (not finished)", UNFINISHED_COLUMNS, unfinished, None),
+        (
+            "Fusion per group: mean ± std over seeds",
+            *fusion,
+            "No finished run.",
+            note(fusion[0], "", METRIC_CELLS + "."),
+        ),
+        (
+            "Fusion vs. baselines: seed-paired difference in test accuracy",
+            *comparison,
+            no_baselines,
+            note(comparison[0], *flagged(REFERENCES)),
+        ),
+        (
+            "Every method on the test set: mean ± std over seeds",
+            *methods,
+            None,
+            note(methods[0], *flagged(method_accuracies)),
+        ),
+        (
+            "Runs not in any mean (not finished, or unreadable)",
+            UNFINISHED_COLUMNS,
+            unfinished,
+            None,
+            legend(UNFINISHED_COLUMNS),
+        ),
     ]
 
 
@@ -310,12 +412,13 @@ def study_rows(groups: list[Group]) -> list[dict]:
     for g in groups:
         for quantity in dict.fromkeys(_present([g], quantities)):  # the fusion's accuracy is in both lists
             e = g.estimate(quantity)
-            out.append({"group": g.label, "fusion_type": g.fusion_type, "quantity": quantity, **vars(e)})
+            row = {"group": g.label, "fusion_type": g.fusion_type, "quantity": quantity, **vars(e)}
+            out.append(row | {"flagged": len(g.flags(quantity))})
         for reference in _present([g], REFERENCES):
             c = g.compare("test_accuracy", reference)
             quantity = f"test_accuracy - {reference}"
             row = {"group": g.label, "fusion_type": g.fusion_type, "quantity": quantity, **vars(c.difference)}
-            out.append(row | {"p_value": c.p_value, "verdict": c.verdict})
+            out.append(row | {"p_value": c.p_value, "verdict": c.verdict, "flagged": len(g.flags(reference))})
     return out
 
 
@@ -327,11 +430,46 @@ class Study:
 
 
 def make_study(rows: list[dict], vary: Sequence[str] = ()) -> Study:
-    """The study of collect_runs' `rows`."""
+    """The study of collect_runs' `rows`; MCNError for a `vary` key that no finished run's config holds (it would
+    pool nothing, silently)."""
+    _check_vary(rows, vary)
     return Study(group_runs(rows, vary), [r for r in rows if r["status"] != "done"], tuple(vary))
 
 
-STUDY_COLUMNS = ["group", "fusion_type", "quantity", "n", "mean", "std", "ci_low", "ci_high", "p_value", "verdict"]
+def _check_vary(rows: list[dict], vary: Sequence[str]) -> None:
+    configs = [dict(_leaves(r["config"])) for r in rows if r["status"] == "done" and r.get("config")]
+    if not configs:  # no config known (runs written before configs were kept): grouped by fusion type alone
+        return
+    keys = sorted({k for c in configs for k in c})
+    for key in vary:
+        if any(k == key or k.startswith(key + ".") for k in keys):
+            continue
+        close = difflib.get_close_matches(key, keys, n=3)
+        differ = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+        differ = [k for k in differ if not any(k == s or k.startswith(s + ".") for s in REPLICATE_IGNORES)]
+        shown = ", ".join(differ[:12]) + (f" and {len(differ) - 12} more" if len(differ) > 12 else "")
+        raise MCNError(
+            f"--vary {key}: no run's config has this key"
+            + (f" (did you mean {' or '.join(close)}?)" if close else "")
+            + f"; keys whose values differ between these runs: {shown or 'none'}; the configs' sections: "
+            + ", ".join(sorted({k.split(".")[0] for k in keys}))
+        )
+
+
+# flagged: how many of the n runs fitted this quantity's baseline at the edge of its search (see the module docstring)
+STUDY_COLUMNS = [
+    "group",
+    "fusion_type",
+    "quantity",
+    "n",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "verdict",
+    "flagged",
+]
 
 
 def write_study(study: Study, prefix: str | Path, title: str) -> tuple[str, list[Path]]:
@@ -355,12 +493,14 @@ def write_study(study: Study, prefix: str | Path, title: str) -> tuple[str, list
         VERDICT_RULE + ".",
     ]
     all_tables = tables(study.groups, study.unfinished)
-    for name, columns, rows, instead in all_tables:
-        if rows or instead:
-            lines += ["", f"## {name}", "", markdown_table(rows, columns) if rows else instead]
+    for name, columns, rows, instead, note in all_tables:
+        if rows:
+            lines += ["", f"## {name}", "", markdown_table(rows, columns), note]
+        elif instead:
+            lines += ["", f"## {name}", "", instead]
     markdown = "\n".join(lines)
     latex = "% needs \\usepackage{booktabs}\n" + "\n".join(
-        latex_table(rows, columns, name) for name, columns, rows, _ in all_tables if rows
+        latex_table(rows, columns, name, note) for name, columns, rows, _, note in all_tables if rows
     )
     paths = [
         write_csv(prefix.with_name(prefix.name + ".csv"), STUDY_COLUMNS, study_rows(study.groups)),

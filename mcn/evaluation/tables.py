@@ -21,13 +21,16 @@ _LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {"\\": r"\textbackslash{}", 
 
 
 def _latex(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(c, c) for c in text).replace("±", r"$\pm$")
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text).replace("±", r"$\pm$").replace("†", r"\textdagger{}")
 
 
-def latex_table(rows: list[dict], columns: list[str], caption: str) -> str:
-    """The cells of markdown_table as a booktabs table (needs `\\usepackage{booktabs}`)."""
+def latex_table(rows: list[dict], columns: list[str], caption: str, note: str | None = None) -> str:
+    """The cells of markdown_table as a booktabs table (needs `\\usepackage{booktabs}`), with `note` (its legend)
+    in small print under it."""
     lines = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{_latex(caption)}}}"]
     lines += [rf"\begin{{tabular}}{{{'l' * len(columns)}}}", r"\toprule", " & ".join(map(_latex, columns)) + r" \\"]
     lines += [r"\midrule", *(" & ".join(_latex(cell(row.get(c))) for c in columns) + r" \\" for row in rows)]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par\footnotesize {_latex(note.replace('`', ''))}"] if note else []
+    lines += [r"\end{table}"]
     return "\n".join(lines) + "\n"

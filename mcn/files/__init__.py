@@ -1,7 +1,9 @@
 """What mcn keeps on disk, one owner per schema: where each file lies (`layout`), how files are written and read
 (`io`: atomic writes, safe loads), the checkpoint and train-state formats (`checkpoint`), a run's state
-(`run_status`), a fusion run's results record (`results`) and the per-epoch CSV (`epoch_csv`)."""
+(`run_status`), the lock a live run holds on its folder (`lock`), a fusion run's results record (`results`) and the
+per-epoch CSV (`epoch_csv`)."""
 
+from mcn.files import lock
 from mcn.files.checkpoint import (
     CHECKPOINT_FORMAT,
     TRAIN_STATE_FORMAT,
@@ -9,6 +11,7 @@ from mcn.files.checkpoint import (
     clean_state_dict,
     extract_state_dict,
     load_checkpoint,
+    load_expert_file,
     load_train_state,
     load_weights,
     make_checkpoint,
@@ -23,6 +26,7 @@ from mcn.files.io import (
     EARLIER_RUNS,
     TEMP_PATTERN,
     atomic_write,
+    check_writable,
     load_file,
     move_earlier_run,
     read_csv,
@@ -44,7 +48,7 @@ from mcn.files.layout import (
     pretrained_expert_path,
 )
 from mcn.files.results import FusionResults
-from mcn.files.run_status import RunStatus, read_status
+from mcn.files.run_status import RunStatus, load_status, read_status
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -61,13 +65,17 @@ __all__ = [
     "SweepFiles",
     "atomic_write",
     "check_checkpoint",
+    "check_writable",
     "clean_state_dict",
     "extract_state_dict",
     "find_fusion_runs",
     "load_checkpoint",
+    "load_expert_file",
     "load_file",
+    "load_status",
     "load_train_state",
     "load_weights",
+    "lock",
     "make_checkpoint",
     "move_earlier_run",
     "pretrained_expert_path",

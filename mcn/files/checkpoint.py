@@ -47,13 +47,23 @@ def check_checkpoint(ckpt: Any, path: str | Path, component: str | None = None) 
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an mcn checkpoint (no format={CHECKPOINT_FORMAT!r} key)")
     if component is not None and ckpt.get("component") != component:
-        raise CheckpointError(f"{path} holds a {ckpt.get('component')!r} component, expected {component!r}")
+        raise CheckpointError(
+            f"{path} holds a {ckpt.get('component')!r} component, expected {component!r}; pass a file of that "
+            f"component instead"
+        )
     return ckpt
 
 
 def load_checkpoint(path: str | Path, component: str | None = None) -> dict:
     """Load one of our own files and check it is the component it should be."""
     return check_checkpoint(load_file(path), path, component)
+
+
+def load_expert_file(path: str | Path, trust_pickle: bool) -> Any:
+    """A pretrained expert's file as it is, mcn's or other code's (checked by the caller). `trust_pickle` is the
+    config's `experts.trust_pickle`: a file holding objects the safe loader does not build is refused with one line
+    naming that key, or, when true, unpickled in full (`load_file`)."""
+    return load_file(path, trusted=trust_pickle, refused_fix="if you trust the file, set experts.trust_pickle=true")
 
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's, DistributedDataParallel's
@@ -70,8 +80,11 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights inside an mcn file, a bare state_dict, or `{'model_state_dict'|'state_dict': ...}`."""
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+    """The weights inside an mcn file, a bare state_dict, `{'model_state_dict'|'state_dict': ...}`, or a whole module
+    (`torch.save(model)`, which only a trusted full unpickling builds)."""
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    elif isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         obj = obj["state_dict"]
     elif isinstance(obj, dict):
         for key in ("model_state_dict", "state_dict"):

@@ -77,6 +77,10 @@ class FusionRunFiles(RunFolder):
     def robustness_ood_png(self) -> Path:
         return self.root / f"robustness_{self.fusion_type}_ood.png"
 
+    @property
+    def robustness_files(self) -> list[Path]:  # everything the suite writes: checked writable before it runs
+        return [self.robustness_csv, self.robustness_summary, self.robustness_corruption_png, self.robustness_ood_png]
+
 
 # a fusion run's file names, read back: (component, pattern with the claims the name makes)
 COMPONENT_PATTERNS = [
@@ -105,7 +109,9 @@ def find_fusion_runs(root: Path) -> list[FusionRunFiles]:
             status = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if status.get("stage") == "fusion" and status.get("fusion_type"):
+        # a status that is not one (truncated, foreign) tells no fusion run; one with a report or results is found
+        # above, and the report says what is wrong with its status
+        if isinstance(status, dict) and status.get("stage") == "fusion" and isinstance(status.get("fusion_type"), str):
             runs.add(FusionRunFiles(path.parent, status["fusion_type"]))
     return sorted(runs, key=lambda r: (str(r.root), r.fusion_type))
 
@@ -161,6 +167,10 @@ class SweepFiles:
     @property
     def launcher(self) -> Path:  # the launcher that submitted it (Slurm request, Hydra context): retry reuses it
         return self.root / ".submitit" / "launcher.pkl"
+
+    @property
+    def code(self) -> Path:  # <hash>/: the code and config each submission's jobs run (mcn.files.code.snapshot_code)
+        return self.root / ".code"
 
 
 def pretrained_expert_path(experts_dir: str | Path, filename: str, index: int) -> Path:

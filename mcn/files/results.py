@@ -4,16 +4,19 @@ run ends, read by the sweep summary, the robustness suite and the study report. 
 
 Accuracies are fractions in [0, 1], on the test set unless the name says otherwise; `initial_*` are the experts as
 they came in (before fusion training); `None` (JSON null) is undefined, e.g. a logit average of one expert.
-Files written before a field existed read back with that field `None`.
+Files written before a field existed read back with that field `None`. `read` checks what it reads: every field of
+the type the dataclass names, every accuracy in [0, 1], and the fusion type the file's name claims.
 """
 
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from mcn.errors import MCNError
+from mcn.errors import FileError
 from mcn.files.io import write_json
 
 
@@ -44,27 +47,69 @@ class FusionResults:
     split_seed: int | None = None
     runtime: str | None = None  # device, precision and switches, in words
     config: dict | None = None  # the resolved run config
+    code: dict | None = None  # the code version it ran (mcn.files.code.code_version)
 
     def write(self, path: str | Path) -> Path:
         return write_json(path, asdict(self))
 
     @classmethod
-    def read(cls, path: str | Path) -> FusionResults:
-        """The record in `path`; MCNError naming the file when it is truncated, foreign or lacks a field."""
+    def read(cls, path: str | Path, fusion_type: str | None = None) -> FusionResults:
+        """The record in `path`, of `fusion_type` when one is named (the type its file name claims); FileError
+        naming the file and the first thing wrong when it is unreadable, truncated, foreign, lacks a field, holds a
+        value of the wrong type or an accuracy outside [0, 1], or is of another fusion type."""
         path = Path(path)
+        again = "run the fusion run again to write it anew"
         try:
             data = json.loads(path.read_text())
         except OSError as e:
-            raise MCNError(f"cannot read {path}: {e.strerror or e}") from None
-        except ValueError:
-            raise MCNError(
-                f"cannot read {path}: truncated or not JSON; run the fusion run again to write it anew"
+            raise FileError(
+                f"cannot read {path}: {(e.strerror or str(e)).lower()}; make it readable or {again}"
             ) from None
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        missing = [name for name in required if not isinstance(data, dict) or name not in data]
-        if missing:
-            raise MCNError(
-                f"{path} is not an mcn fusion results file (no {missing[0]!r}); point at a fusion run's folder"
+        except ValueError:
+            raise FileError(f"cannot read {path}: truncated or not JSON; {again}") from None
+        problem = _problem(cls, data)
+        if problem is None and fusion_type is not None and data["fusion_type"] != fusion_type:
+            problem = f"it holds a {data['fusion_type']} run's results, but its name says {fusion_type}"
+        if problem:
+            raise FileError(
+                f"{path} is not an mcn fusion results file ({problem}); move it out of the run's folder or {again}"
             )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _problem(cls: type, data: object) -> str | None:
+    """What makes `data` no record of `cls` (the first thing found), or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is MISSING:
+                return f"no {f.name!r}"
+            continue
+        value = data[f.name]
+        if not _is(value, hints[f.name]):
+            hint = hints[f.name]
+            return f"{f.name} is {value!r:.60}, not {str(hint) if typing.get_origin(hint) else hint.__name__}"
+        if "accuracy" in f.name:
+            outside = [v for v in (value if isinstance(value, list) else [value]) if v is not None and not 0 <= v <= 1]
+            if outside:
+                return f"{f.name} is {outside[0]}, but accuracies are fractions in [0, 1]"
+    return None
+
+
+def _is(value: object, hint: object) -> bool:
+    """Whether a JSON value is of the annotated type (an int is a float; a bool is neither)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, origin or hint)

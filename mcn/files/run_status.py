@@ -1,9 +1,11 @@
 """A run's state on disk, `run_status.json` in its folder: what `mcn.evaluate` and sweep tools read.
 
 Fields: `stage` (fusion | expert) with `fusion_type` or `index`; `state` (running | done | failed |
-interrupted); `starts` (how many times a job started in this folder: 1 + restarts and requeues);
-`epoch` / `epochs` (progress); `best_epoch` / `best_val_accuracy`; `error` (one line, for failed and
-interrupted runs); `slurm_job_id`; `updated`.
+interrupted; read back as `lost` when it says running but no live process holds the folder's lock, mcn.files.lock:
+killed with SIGKILL, or its node failed); `command` (the command that continues the run, when a Hydra command
+started it); `starts` (how many times a job started in this folder: 1 + restarts and requeues);
+`code` (the code version it started with, mcn.files.code); `epoch` / `epochs` (progress); `best_epoch` /
+`best_val_accuracy`; `error` (one line, for failed and interrupted runs); `slurm_job_id`; `updated`.
 Only rank 0 writes; every write is atomic.
 """
 
@@ -15,16 +17,44 @@ import os
 import time
 from pathlib import Path
 
-from mcn.errors import MCNError
+from mcn.errors import FileError, MCNError
+from mcn.files import lock
+from mcn.files.code import code_version
 from mcn.files.io import write_json
+
+LOST = "the process ended without a word (killed, or its node failed)"
+STATES = ("running", "done", "failed", "interrupted", "lost")  # what `state` may say, as read back
 
 
 def read_status(path: str | Path) -> dict | None:
-    """The status on disk, or None when there is none (or it cannot be read: a run that has not started)."""
+    """The status as it stands now, or None when there is none (or it cannot be read: a run that has not started).
+    A `running` state that no live process backs (the folder's lock is free) reads as `lost`."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        status = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(status, dict):
+        return None
+    if status.get("state") == "running" and lock.has_lock_file(path.parent) and lock.holder(path.parent) is None:
+        resume = f"; continue it with: {status['command']}" if status.get("command") else ""
+        status.update(state="lost", error=LOST + resume)
+    return status
+
+
+def load_status(path: str | Path) -> dict | None:
+    """`read_status` for a reader that must not guess (the study report): None only when there is no status file;
+    FileError naming it when it is there but unreadable, truncated or not a status."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    status = read_status(path)
+    if status is None or status.get("state") not in STATES:
+        raise FileError(
+            f"cannot read {path}: truncated or not an mcn run status (a JSON object with a state); delete it: a "
+            f"run with its results JSON then reads as finished, and a live run writes it anew at its next epoch"
+        )
+    return status
 
 
 class RunStatus:
@@ -47,6 +77,7 @@ class RunStatus:
             starts=previous.get("starts", 0) + 1,
             error=None,
             slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            code=code_version(),
         )
 
     def progress(self, epoch: int, epochs: int, best: dict) -> None:

@@ -2,17 +2,20 @@
 
 Built from scratch by default. Pretrained weights are read from a local file only (nothing is downloaded):
 `expert.pretrained=true` with the model's weights at `expert.pretrained_file`; timm fits them to the data's
-channels and drops their classifier when the class count differs.
+channels and drops their classifier when the class count differs. A PyTorch file (not .safetensors) is read by the safe
+loader with the harmless metadata other code saves allowed (`mcn.files.io`); one that needs more is refused.
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mcn.errors import CheckpointError, ConfigError
+from mcn.files.io import allowing_harmless_globals, refusal, unsafe_object
 from mcn.models.registry import register_expert
 
 
@@ -53,10 +56,19 @@ class TimmExpert(nn.Module):
                 )
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
         try:
-            self.model = timm.create_model(name, **kwargs)
+            with allowing_harmless_globals():  # timm reads a .pth file with torch's safe loader
+                self.model = timm.create_model(name, **kwargs)
         except RuntimeError as e:
             if not pretrained:
                 raise
+            needs = unsafe_object(e.__cause__) if isinstance(e.__cause__, pickle.UnpicklingError) else None
+            if needs:  # timm's words for it name torch's options, which no mcn option reaches
+                raise refusal(
+                    pretrained_file,
+                    needs,
+                    "save the model's weights alone (its state_dict, or its .safetensors file) and point "
+                    "expert.pretrained_file there",
+                ) from None
             raise CheckpointError(  # a weights file of another model
                 f"{pretrained_file} does not hold weights of timm model {name}: {str(e).splitlines()[0]}"
             ) from None

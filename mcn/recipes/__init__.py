@@ -6,26 +6,49 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import threading
+from contextlib import contextmanager
 
-from mcn import distributed
+from mcn import distributed, shell
 from mcn.errors import MCNError, RunInterrupted
-from mcn.files import RunStatus, move_earlier_run, remove_stale_temp_files
+from mcn.files import RunStatus, load_train_state, lock, move_earlier_run, read_status, remove_stale_temp_files
+from mcn.terminal import HEADLINE
+from mcn.training.config import resume_changes
 
 log = logging.getLogger(__name__)
 
 
 def run_recipe(recipe) -> dict:
-    """setup -> train -> cleanup, with the run's state kept in its folder (`mcn.files.run_status`); the tracker is
-    closed (as failed) even when training raises."""
+    """setup -> train -> cleanup in the recipe's folder, which its process holds for as long as it runs
+    (mcn.files.lock: a second process gets one line and leaves every file as it was), with the run's state kept
+    there (mcn.files.run_status). A run already done with this config is not run again: its results are read back
+    (the test set is read once). SIGTERM before or after the epoch loop ends the run with one line, its state
+    `interrupted`. The tracker is closed (as failed) even when training raises."""
     root = recipe.files.root
-    if recipe.cfg.trainer.resume == "never":
-        moved = move_earlier_run(root)
-        if moved:
-            log.info("trainer.resume=never: the earlier run in %s was moved to %s", root, moved)
-    remove_stale_temp_files(root)
-    status = RunStatus(recipe.files.status)
-    status.started(**recipe.identity)
+    took = lock.acquire(root) if int(os.environ.get("RANK", "0")) == 0 else False  # before any file is touched
+    try:
+        done = _results_when_done(recipe)
+        if done is not None:
+            return done
+        if recipe.cfg.trainer.resume == "never":
+            moved = move_earlier_run(root)
+            if moved:
+                log.info("trainer.resume=never: the earlier run in %s was moved to %s", root, moved)
+        remove_stale_temp_files(root)
+        status = RunStatus(recipe.files.status)
+        status.started(**recipe.identity, command=shell.rerun_command())
+        with _terminate_in_one_line(status):
+            return _run(recipe, status)
+    finally:
+        if took:
+            lock.release(root)
+
+
+def _run(recipe, status: RunStatus) -> dict:
     failed = True
     try:
         recipe.setup()
@@ -44,3 +67,54 @@ def run_recipe(recipe) -> dict:
     finally:
         recipe.cleanup(failed=failed)
         distributed.cleanup()
+
+
+def _results_when_done(recipe) -> dict | None:
+    """The results of the run in the recipe's folder when it is done and was run with this config (a rerun of the
+    same command: nothing to do); None otherwise, and always with trainer.resume other than auto (force continues
+    a done run with new values, e.g. more epochs; never starts over)."""
+    files = recipe.files
+    if recipe.cfg.trainer.resume != "auto" or (read_status(files.status) or {}).get("state") != "done":
+        return None
+    if not files.train_state.exists() or not recipe.results_file.exists():
+        return None
+    if resume_changes(load_train_state(files.train_state)["config"], recipe.config):
+        return None  # the epoch loop says what changed, and how to go on
+    try:
+        results = json.loads(recipe.results_file.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: the run is finished again, which writes it anew
+    log.info(
+        "%s: this run is already done (results in %s); set trainer.resume=never to train it again",
+        files.root,
+        recipe.results_file,
+        extra=HEADLINE,
+    )
+    return results
+
+
+@contextmanager
+def _terminate_in_one_line(status: RunStatus):
+    """SIGTERM outside the epoch loop (which has its own handler) ends the run with one line and its state
+    `interrupted`, instead of a silent death that would leave it `running`. Only where SIGTERM would kill the
+    process: under submitit, whose handler keeps the job alive for its requeue, nothing changes."""
+    if (
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+
+    def terminated(signum, frame):
+        resume = shell.rerun_command()
+        why = "SIGTERM outside the epoch loop (setup, or the final test)"
+        status.interrupted(why)
+        error = RunInterrupted(f"stopped by {why}; " + (f"continue with: {resume}" if resume else "run it again"))
+        error.exit_status = 128 + signum
+        raise error
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

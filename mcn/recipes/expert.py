@@ -40,7 +40,8 @@ from mcn.files import (
     write_json,
 )
 from mcn.models import ExpertSpec
-from mcn.training.config import absolute_paths, expert_specs, require_fraction, require_positive, resolved
+from mcn.terminal import HEADLINE
+from mcn.training.config import absolute_paths, check_values, expert_specs, resolved
 from mcn.training.loop import EpochLoop, Objective, evaluate
 from mcn.training.optim import optimizer_from_config, schedule_from_config
 from mcn.training.runtime import Runtime, seed_everything, stream_seeds
@@ -133,6 +134,7 @@ class ExpertRecipe:
         self.index = cfg.pretrain.index
         self.files = ExpertRunFiles(Path(output_dir), Path(cfg.paths.experts_dir), cfg.experts.filename, self.index)
         self.identity = {"stage": "expert", "index": self.index}
+        self.results_file = self.files.results  # what a finished run leaves: read back when it is run again
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -173,7 +175,7 @@ class ExpertRecipe:
         """Also settles which expert this is: its spec, and its family's values for what the config left null
         (so the config saved with the run holds the values used)."""
         cfg = self.cfg
-        require_positive(cfg, "experts.num")
+        check_values(cfg)  # and once more below, with the family's values in place of pretrain.* nulls
         if not isinstance(self.index, int) or not 0 <= self.index < cfg.experts.num:
             raise ConfigError(
                 f"pretrain.index={self.index} is outside 0..{cfg.experts.num - 1} (experts.num={cfg.experts.num})"
@@ -181,8 +183,7 @@ class ExpertRecipe:
         self.spec = expert_specs(cfg)[self.index]
         apply_family_recipe(cfg, self.spec.family)
         self.config = resolved(cfg)
-        require_positive(cfg, "pretrain.epochs", "pretrain.optim.lr", "pretrain.batch_size", "trainer.save_every")
-        require_fraction(cfg, *(f"pretrain.augment.{k}" for k in ("random_erasing", "cutmix", "label_smoothing")))
+        check_values(cfg)
 
     def _setup_batches(self) -> None:
         cfg, data, i = self.cfg, self.data, self.index
@@ -286,6 +287,7 @@ class ExpertRecipe:
             best["val_accuracy"],
             test["accuracy"],
             self.files.published,
+            extra=HEADLINE,
         )
         return results
 

@@ -10,7 +10,8 @@ Feature flags (all in the config):
 - `model.new_expert_heads`: every expert's own head starts anew at the fusion stage (after the pretrained experts'
   baselines are measured), as the reference's class-split fusion stage did;
 - `experts.dir`: start from pretrained experts (checked by `check_pretrained_expert`), or `null` to
-  start from scratch;
+  start from scratch; `experts.trust_pickle`: other code's expert files that hold objects the safe loader does not
+  build are unpickled in full (they are refused otherwise: unpickling can run code);
 - options that help the fusion beat its experts' free logit average (all off by default; what each
   did is measured in docs/results.md): `trainer.freeze_experts_epochs` (fusion + head first learn
   on frozen experts), `model.ensemble_start` (start from the logit average), `loss.distill_weight` /
@@ -48,19 +49,21 @@ from mcn.files import (
     clean_state_dict,
     extract_state_dict,
     load_checkpoint,
-    load_file,
+    load_expert_file,
     load_weights,
     pretrained_expert_path,
     save_component,
 )
+from mcn.files.code import code_version
 from mcn.models import MCN, ExpertStack, create_fusion, fusion_width, list_fusions
 from mcn.recipes.expert import check_pretrained_expert
+from mcn.terminal import HEADLINE
 from mcn.training.config import (
+    COUNT,
     absolute_paths,
+    check_value,
+    check_values,
     expert_specs,
-    require_fraction,
-    require_positive,
-    require_positive_int,
     resolved,
 )
 from mcn.training.loop import UNDEFINED, Distillation, EpochLoop, Objective, evaluate, head_metrics, predict
@@ -99,6 +102,7 @@ class FusionRecipe:
         self.files = FusionRunFiles(Path(output_dir), self.fusion_type)
         self.identity = {"stage": "fusion", "fusion_type": self.fusion_type}
         self.probe_fit = None  # this run's probe (mcn.training.probe.ProbeFit), once epoch 0 fitted it
+        self.results_file = self.files.results  # what a finished run leaves: read back when it is run again
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -132,14 +136,13 @@ class FusionRecipe:
 
     def _check_config(self) -> None:
         cfg = self.cfg
+        check_values(cfg)
         enabled = cfg.probe.enabled
         if enabled not in (True, False, "auto"):
             raise ConfigError(f"probe.enabled={enabled!r} must be auto, true or false; e.g. probe.enabled=auto")
         # auto: probe pretrained experts; experts from scratch have nothing to probe
         self.probe_on = enabled is True or (enabled == "auto" and cfg.experts.dir is not None)
         if self.probe_on:
-            require_positive_int(cfg, "probe.epochs", "probe.patience", "probe.batch_size")
-            require_positive(cfg, "probe.lr")
             decays = cfg.probe.weight_decays
             shown = list(decays) if isinstance(decays, ListConfig) else decays
             if (
@@ -157,16 +160,7 @@ class FusionRecipe:
                     "from scratch); set experts.dir or probe.enabled=false"
                 )
         if not (self.probe_on and cfg.trainer.epochs == 0):  # the probe alone: trainer.epochs=0
-            require_positive(cfg, "trainer.epochs")
-        require_positive(
-            cfg,
-            "trainer.batch_size",
-            "trainer.save_every",
-            "experts.num",
-            "optim.base_lr",
-            "optim.head_lr",
-        )
-        require_fraction(cfg, *(f"augment.{k}" for k in ("random_erasing", "cutmix", "label_smoothing")))
+            check_value(cfg, "trainer.epochs", COUNT, 10)
         if cfg.trainer.freeze_experts_epochs and not 0 < cfg.trainer.freeze_experts_epochs < cfg.trainer.epochs:
             raise ConfigError(
                 f"trainer.freeze_experts_epochs={cfg.trainer.freeze_experts_epochs} must be 0 (no freezing) or lie in "
@@ -193,8 +187,6 @@ class FusionRecipe:
                 f"loss.distill_weight={cfg.loss.distill_weight} distils from the pretrained experts, but experts.dir "
                 f"is null (experts from scratch); set experts.dir or loss.distill_weight=0"
             )
-        if cfg.loss.distill_weight:
-            require_positive(cfg, "loss.distill_weight", "loss.distill_temperature")
         if self.fusion_type not in list_fusions():
             raise ConfigError(
                 f"unknown fusion type {self.fusion_type!r}; known: {', '.join(list_fusions())} "
@@ -252,12 +244,14 @@ class FusionRecipe:
         )
 
     def _load_pretrained(self, expert: torch.nn.Module, index: int) -> dict:
-        """Expert `index`'s pretrained weights (none when experts.dir is null); where they came from."""
+        """Expert `index`'s pretrained weights (none when experts.dir is null); where they came from. A file of other
+        code's is taken when its weights fit (a state dict, bare or under `state_dict` / `model_state_dict`, or a
+        whole module when the file is trusted); its other contents are not read."""
         cfg, label = self.cfg, self.expert_specs[index].label
         if cfg.experts.dir is None:
             return {"path": None}
         path = pretrained_expert_path(cfg.experts.dir, cfg.experts.filename, index)
-        obj = load_file(path)
+        obj = load_expert_file(path, cfg.experts.trust_pickle)
         info = {"path": str(path)}
         if isinstance(obj, dict) and "format" in obj:  # one of ours: check what it claims
             ckpt = check_pretrained_expert(obj, path, index, expert.architecture, cfg.data.name, self.data.split)
@@ -515,6 +509,7 @@ class FusionRecipe:
             split_seed=int(self.cfg.split.seed),
             runtime=self.runtime.describe(),
             config=self.config,
+            code=code_version(),
         )
 
     def _probe_record(self) -> dict | None:
@@ -537,6 +532,7 @@ class FusionRecipe:
             ", ".join(f"{a:.4f}" for a in r.expert_test_accuracy),
             UNDEFINED if r.ensemble_test_accuracy is None else f"{r.ensemble_test_accuracy:.4f}",
             ", ".join(f"{a:.4f}" for a in r.initial_expert_test_accuracy),
+            extra=HEADLINE,
         )
         for experts, per_baseline in r.baselines.items():
             if per_baseline is not None:

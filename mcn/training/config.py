@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mcn.errors import ConfigError
 from mcn.models import ExpertSpec
 
 # keys that may differ between a run and its resumption without changing what is computed
-RESUME_IGNORES = ("trainer.resume", "trainer.progress_bar", "logger.mode", "sweep.name")
+RESUME_IGNORES = (
+    "trainer.resume",
+    "trainer.progress_bar",
+    "trainer.terminal",
+    "logger.mode",
+    "sweep.name",
+    "experts.trust_pickle",
+)
 # keys in which runs may differ and still be replicates of one study group (mcn.study): the seed, and what only
 # says where files live, how a run is shown or how it was orchestrated
 REPLICATE_IGNORES = (
@@ -27,25 +38,92 @@ REPLICATE_IGNORES = (
 )
 
 
-def require_positive(cfg: DictConfig, *keys: str) -> None:
-    for key in keys:
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{key}={value!r} must be a positive number; e.g. {key}=10")
+# Every number a user types, its range, and a value that passes (what a refusal suggests). A key a config lacks,
+# or left null where null means "the default" (nullable), is not checked. Checked once, before any work
+# (`check_values`); checks that depend on other keys stay with the stage that knows them.
+SEED, COUNT, WHOLE, RATE, POSITIVE, NON_NEGATIVE, FRACTION = (
+    "a whole number >= 0 (below 2**32)",
+    "a whole number > 0",
+    "a whole number >= 0",
+    "a finite number > 0",
+    "a finite number > 0",
+    "a finite number >= 0",
+    "a number in [0, 1]",
+)
+VALUE_RULES: dict[str, tuple[str, object, bool]] = {  # key: (rule, a passing value, nullable)
+    "seed": (SEED, 0, False),
+    "split.seed": (SEED, 0, False),
+    "experts.num": (COUNT, 4, False),
+    "trainer.epochs": (WHOLE, 10, False),  # 0: the probe alone (the fusion stage says when that is not allowed)
+    "trainer.batch_size": (COUNT, 128, False),
+    "trainer.save_every": (COUNT, 10, False),
+    "trainer.early_stopping_patience": (COUNT, 10, True),
+    "trainer.freeze_experts_epochs": (WHOLE, 0, False),
+    "trainer.num_threads": (COUNT, 4, True),
+    "optim.base_lr": (RATE, 1e-4, False),
+    "optim.head_lr": (RATE, 1e-3, False),
+    "optim.weight_decay": (NON_NEGATIVE, 1e-4, False),
+    "optim.min_lr_ratio": (FRACTION, 0.1, False),
+    "optim.warmup_epochs": (WHOLE, 0, False),
+    "optim.grad_clip": (POSITIVE, 1.0, True),
+    "loss.alpha": (NON_NEGATIVE, 1.0, False),
+    "loss.distill_weight": (NON_NEGATIVE, 0.0, False),
+    "loss.distill_temperature": (POSITIVE, 4.0, False),
+    "model.expert_dropout": (FRACTION, 0.0, False),
+    "augment.label_smoothing": (FRACTION, 0.0, False),
+    "augment.cutmix": (FRACTION, 0.0, False),
+    "augment.random_erasing": (FRACTION, 0.0, False),
+    "probe.epochs": (COUNT, 200, False),
+    "probe.patience": (COUNT, 20, False),
+    "probe.lr": (RATE, 1e-3, False),
+    "probe.batch_size": (COUNT, 256, False),
+    "pretrain.index": (WHOLE, 0, False),
+    "pretrain.epochs": (COUNT, 250, False),
+    "pretrain.batch_size": (COUNT, 128, True),
+    "pretrain.optim.lr": (RATE, 0.1, True),
+    "pretrain.optim.weight_decay": (NON_NEGATIVE, 5e-4, True),
+    "pretrain.optim.momentum": (FRACTION, 0.9, False),
+    "pretrain.optim.min_lr_ratio": (FRACTION, 0.0, False),
+    "pretrain.optim.warmup_epochs": (WHOLE, 0, False),
+    "pretrain.optim.grad_clip": (POSITIVE, 1.0, True),
+    "pretrain.augment.label_smoothing": (FRACTION, 0.05, True),
+    "pretrain.augment.cutmix": (FRACTION, 0.0, False),
+    "pretrain.augment.random_erasing": (FRACTION, 0.0, False),
+    "split.holdout_fraction": (FRACTION, 0.2, False),
+    "split.fusion_val_fraction": (FRACTION, 0.2, False),
+    "split.expert_val_fraction": (FRACTION, 0.1, False),
+}
 
 
-def require_positive_int(cfg: DictConfig, *keys: str) -> None:
-    for key in keys:
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{key}={value!r} must be a whole number > 0; e.g. {key}=10")
+def _passes(rule: str, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if rule in (SEED, COUNT, WHOLE):
+        return isinstance(value, int) and value >= (1 if rule == COUNT else 0) and (rule != SEED or value < 2**32)
+    if not math.isfinite(value):
+        return False
+    return {RATE: value > 0, POSITIVE: value > 0, NON_NEGATIVE: value >= 0, FRACTION: 0 <= value <= 1}[rule]
 
 
-def require_fraction(cfg: DictConfig, *keys: str) -> None:
-    for key in keys:
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-            raise ConfigError(f"{key}={value!r} must lie in [0, 1]")
+def check_value(cfg: DictConfig, key: str, rule: str, example: object, nullable: bool = False) -> None:
+    """ConfigError naming `key`, its value, the rule and a value that passes, when `cfg`'s value breaks `rule`."""
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException:
+        value = "???"
+    if value is None and nullable:
+        return
+    if not _passes(rule, value):
+        raise ConfigError(f"{key}={value!r} must be {rule}; e.g. {key}={example}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every number in VALUE_RULES that `cfg` holds, before any work: one ConfigError for the first bad one."""
+    for key, (rule, example, nullable) in VALUE_RULES.items():
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and name in node:
+            check_value(cfg, key, rule, example, nullable)
 
 
 def _preset_entries(cfg: DictConfig) -> list:
@@ -80,6 +158,27 @@ def _experts_tag(*, _root_: DictConfig) -> str:
 
 
 OmegaConf.register_new_resolver("mcn.experts_tag", _experts_tag, replace=True)
+
+
+def run_name(overrides: list[str]) -> str:
+    """A single run's folder name (`hydra.run.dir`), from its command line's overrides: the same overrides in any
+    order give the same folder, so the same command finds its interrupted run and resumes it (Dora names its
+    experiments by a hash of their overrides alike). A readable part (only letters, digits, `.`, `-`, `_`: nothing
+    a shell or Hydra's grammar reads specially) and 8 hex digits of the overrides' SHA-256; keys that may differ
+    between a run and its resumption (RESUME_IGNORES) do not count. No overrides: `defaults_<hash>`."""
+    kept = sorted(str(o) for o in overrides if str(o).split("=", 1)[0].lstrip("+~") not in RESUME_IGNORES)
+    digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:8]
+    shown = [o for o in kept if not o.startswith("paths.")]  # where files live: in the hash only
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(shown)).strip("-_")[:60].rstrip("-_.")
+    return f"{readable or 'defaults'}_{digest}"
+
+
+def _run_name(*, _root_: DictConfig) -> str:
+    """`run_name` of the command line's overrides as typed (unresolved: `${...}` in one is part of its text)."""
+    return run_name(OmegaConf.to_container(_root_.hydra.overrides.task, resolve=False))
+
+
+OmegaConf.register_new_resolver("mcn.run_name", _run_name, replace=True)
 
 
 def absolute_paths(cfg: DictConfig) -> DictConfig:

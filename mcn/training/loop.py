@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from mcn import distributed
+from mcn import distributed, shell
 from mcn.errors import ConfigError, RunInterrupted, StorageError, TrainingDiverged
 from mcn.files import (
     RunStatus,
@@ -36,7 +37,9 @@ from mcn.files import (
     save_train_state,
     upgrade_state_dict,
 )
+from mcn.files.code import code_version, describe
 from mcn.training.config import resume_changes
+from mcn.training.optim import resume_optimizer
 from mcn.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -290,7 +293,8 @@ class EpochLoop:
 
     Resume: after every epoch the whole training state (model, optimiser, scheduler, epoch, best so
     far, every RNG stream) goes atomically to `state_path`; a job that finds that file continues after
-    its epoch (`resume`: auto, force = even with a changed config, never).
+    its epoch (`resume`: auto, force = even with a changed config, never), on the learning-rate schedule of the
+    config it runs with, from the step it has reached (`mcn.training.optim.resume_optimizer`).
     SIGUSR2 (Slurm's pre-timeout signal), SIGTERM or SIGINT (Ctrl-C) stops the loop at the next step
     boundary; the unfinished epoch is dropped (the state on disk is the last finished one), then USR2
     goes on to the handler that was there before (submitit's: requeue), TERM ends the job and Ctrl-C
@@ -345,6 +349,7 @@ class EpochLoop:
             rng=rng_state(r.generators),
             config=r.config,
             precision="bf16" if r.runtime.bf16 else "fp32",
+            code=code_version(),
         )
         self.saved = True
 
@@ -361,9 +366,15 @@ class EpochLoop:
             )
         if changes:
             log.warning("resuming with a changed config: %s", "; ".join(changes))
+        ran, now = state.get("code"), code_version()  # states written before code versions were kept have none
+        if ran and ran["hash"] != now["hash"]:
+            log.warning(
+                "resuming with other code: its epochs so far ran %s, this process runs %s", describe(ran), describe(now)
+            )
         r.raw_model.load_state_dict(upgrade_state_dict(r.raw_model, state["model"]))
-        r.optimizer.load_state_dict(state["optimizer"])
-        r.scheduler.load_state_dict(state["scheduler"])
+        # on the schedule of this config (trainer.resume=force may have changed its length), where the run stands
+        steps = state["epoch"] * len(r.train_batches)
+        resume_optimizer(r.optimizer, r.scheduler, state["optimizer"], state["scheduler"], steps)
         restore_rng(state["rng"], r.generators)
         self.keep_precision(state.get("precision"))
         log.info(
@@ -433,7 +444,7 @@ class EpochLoop:
                 if self.signal is not None:  # arrived during epoch 0
                     break
                 r.start_epoch(epoch)
-                lrs = self.learning_rates()
+                lrs = self.learning_rates()  # the epoch's first step's: what the CSV and the tracker hold for it
                 batches = progress(r.train_batches, len(r.train_batches), f"epoch {epoch}/{epochs}", self.progress_bar)
                 train = train_epoch(
                     r.model,
@@ -483,7 +494,9 @@ class EpochLoop:
                     break
         except StorageError as e:
             if self.saved:
-                raise StorageError(f"{e}; it resumes after epoch {self.last_saved} ({self.state_path})") from None
+                resume = shell.rerun_command()
+                how = f": {resume}" if resume else ""
+                raise StorageError(f"{e}; it resumes after epoch {self.last_saved} ({self.state_path}){how}") from None
             raise
         finally:
             for s, handler in previous.items():
@@ -523,14 +536,21 @@ class EpochLoop:
                 )
 
     def hand_over(self, handler) -> None:
-        """After a signal: let submitit requeue (its USR2 handler), else end the job; never finish the run."""
+        """After a signal: let submitit requeue (its USR2 handler), else end the job with one line saying what is
+        saved and the command that continues it; never finish the run. Inside a submitit job SIGTERM just ends the
+        process (Slurm requeues a preempted job; its launcher reports the rest)."""
         if self.signal == signal.SIGUSR2 and callable(handler):
             handler(self.signal, None)  # submitit: checkpoint, `scontrol requeue`, exit
-        if self.signal == signal.SIGINT:
-            saved = (
-                f"epoch {self.last_saved} is saved in {self.state_path}: run the same command again to resume"
-                if self.saved
-                else "no epoch had finished, so nothing was saved"
-            )
-            raise RunInterrupted(f"interrupted (Ctrl-C) during epoch {self.last_saved + 1}; {saved}")
-        raise SystemExit(128 + self.signal)
+        if self.signal != signal.SIGINT and (self.signal != signal.SIGTERM or os.environ.get("SUBMITIT_EXECUTOR")):
+            raise SystemExit(128 + self.signal)
+        resume = shell.rerun_command()
+        saved = (
+            f"epoch {self.last_saved} is saved in {self.state_path}; "
+            + (f"continue with: {resume}" if resume else "run it again in the same folder to resume")
+            if self.saved
+            else "no epoch had finished, so nothing was saved"
+        )
+        why = "Ctrl-C" if self.signal == signal.SIGINT else signal.Signals(self.signal).name
+        error = RunInterrupted(f"interrupted ({why}) during epoch {self.last_saved + 1}; {saved}")
+        error.exit_status = 130 if self.signal == signal.SIGINT else 128 + self.signal
+        raise error

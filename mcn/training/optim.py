@@ -69,6 +69,30 @@ def cosine_schedule(
     )
 
 
+def resume_optimizer(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    saved_optimizer: dict,
+    saved_scheduler: dict,
+    step: int,
+) -> None:
+    """Load a train state's optimiser (its moments) and schedule into those built from the current config, and go on
+    at `step` (the finished epochs times the current steps per epoch) of the current config's schedule: its rates,
+    length and warm-up, and its weight decay and betas, win over the saved ones. With the config a run was saved
+    with, this is exactly where that run stood; after `trainer.resume=force` with, e.g., more epochs, a warm-up or a
+    batch size of another length, or other rates, the run continues on the one schedule the new values describe,
+    from the step it has reached, with no jump at the first step."""
+    current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved_optimizer)
+    scheduler.load_state_dict(saved_scheduler)
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler.last_epoch = step
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(step)
+
+
 def input_width_lrs(fusion_type: str, input_dim: int, base_lr: float, head_lr: float) -> tuple[float, float, str]:
     """docs/reference.md §3: wide features learn slower, narrow ones faster; TransformerBase slower still.
     Returns the scaled rates and what was applied, in words."""

@@ -96,3 +96,15 @@ def interrupt_epoch(monkeypatch, epoch: int, signum: int):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_epoch", train_epoch)
+
+
+def copy_checkout(dest: Path) -> Path:
+    """This checkout's code and config (what a sweep snapshots, mcn.files.code.CODE_DIRS) copied to `dest`, for a
+    test to edit: a command run with cwd=dest imports and composes from the copy."""
+    import shutil
+
+    from mcn.files.code import CODE_DIRS
+
+    for name in CODE_DIRS:
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mcn.errors import FileError
 from mcn.evaluation.figures import pyplot, save_figure
 from mcn.evaluation.robustness.corruptions import CORRUPTIONS, NOISE_SIGMAS
 from mcn.evaluation.robustness.ood import SCORES
@@ -33,15 +34,24 @@ def mean_of(rows: list[dict], key: str, **match) -> float | None:
 def headline(run: FusionRunFiles) -> dict | None:
     """The fusion model's mean accuracy over all corruptions and severities and its mean OOD AUROC (max softmax
     probability, over the OOD sets), from the run's robustness CSV; None when there is none for the current
-    best model."""
+    best model. FileError naming the CSV when it is unreadable, foreign or holds a value outside [0, 1]."""
     path, best = run.robustness_csv, run.complete()
     if not path.is_file() or (best.is_file() and path.stat().st_mtime < best.stat().st_mtime):
         return None
-    rows = read_csv(path)
-    return {
-        "corruption_accuracy": mean_of(rows, "accuracy", model_type="fusion", test_type="corruption"),
-        "ood_auroc": mean_of(rows, "auroc", model_type="fusion", test_type="ood", uncertainty_metric="msp"),
-    }
+    fix = f"run python -m mcn.robustness {run.root} again to write it anew, or delete it"
+    columns = ("model_type", "test_type", "uncertainty_metric", "accuracy", "auroc")
+    rows = read_csv(path, columns, numbers=("accuracy", "auroc"), fix=fix)
+    out = {}
+    for name, key, match in (
+        ("corruption_accuracy", "accuracy", {"test_type": "corruption"}),
+        ("ood_auroc", "auroc", {"test_type": "ood", "uncertainty_metric": "msp"}),
+    ):
+        values = [r[key] for r in rows if all(r[k] == v for k, v in (match | {"model_type": "fusion"}).items())]
+        for value in values:
+            if value is None or not 0 <= value <= 1:
+                raise FileError(f"{path}: a fusion {match['test_type']} row's {key} is {value}, not in [0, 1]; {fix}")
+        out[name] = sum(values) / len(values) if values else None
+    return out
 
 
 def _models(rows: list[dict]) -> list[dict]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from mcn.data.datasets import ImageSet
 from mcn.data.prepare import prepare_data
-from mcn.errors import CheckpointError
+from mcn.errors import CheckpointError, FileError
 from mcn.evaluation.components import load_complete
 from mcn.evaluation.robustness.corruptions import CORRUPTIONS, NOISE_SIGMAS, corrupt, normalised_noise
 from mcn.evaluation.robustness.ood import SCORES, detection_metrics, ood_sets
@@ -26,7 +26,7 @@ from mcn.files import (
     FusionRunFiles,
     extract_state_dict,
     load_checkpoint,
-    load_file,
+    load_expert_file,
     load_weights,
     write_csv,
     write_text,
@@ -186,15 +186,18 @@ def run_suite(
 
 
 def _pretrained_experts(results: FusionResults, model: MCN) -> tuple[list[nn.Module], str | None]:
-    """The experts the run started from (`experts_from` in its results), or none and why."""
+    """The experts the run started from (`experts_from` in its results), or none and why. Files the run was told to
+    trust (its `experts.trust_pickle`) are trusted here too."""
     paths = results.experts_from or []
     if not paths or not all(paths):
         return [], None  # trained from scratch: nothing to compare with
+    trusted = bool((results.config or {}).get("experts", {}).get("trust_pickle", False))
     experts = []
     try:
         for i, path in enumerate(paths):
             expert = copy.deepcopy(model.experts[i])
-            load_weights(expert, extract_state_dict(load_file(path), path), path, f"pretrained expert {i}")
+            weights = extract_state_dict(load_expert_file(path, trusted), path)
+            load_weights(expert, weights, path, f"pretrained expert {i}")
             experts.append(expert.eval())
     except CheckpointError as e:
         return [], f"pretrained experts skipped: {e}"
@@ -226,12 +229,19 @@ def check_against_record(rows: list[dict], results: FusionResults, source: Path)
 
 
 def measure_run(run: FusionRunFiles, device: str | None = None, batch_size: int | None = None) -> dict:
-    """The whole suite on one finished run; writes its CSV, summary and figures; returns what it wrote."""
+    """The whole suite on one finished run; writes its CSV, summary and figures (`run.robustness_files`); returns
+    what it wrote. FileError or CheckpointError naming the file when one of the run's files cannot be read or is another
+    run's."""
     start = time.perf_counter()
-    results = FusionResults.read(run.results)
+    results = FusionResults.read(run.results, run.fusion_type)
     cfg = OmegaConf.create(load_checkpoint(run.complete(), component="complete")["config"])
     cfg.split.force = False  # read the run's split; never remake it
     model = load_complete(run.root, run.fusion_type)
+    if len(results.expert_test_accuracy) != len(model.experts):  # the record the clean pass is checked against
+        raise FileError(
+            f"{run.results} records {len(results.expert_test_accuracy)} experts, but {run.complete()} holds "
+            f"{len(model.experts)}: the results are another run's; run the fusion run again to write them anew"
+        )
     # the run's device, precision and threads, but no compile: one pass per test does not pay for compiling
     trainer = OmegaConf.merge(cfg.trainer, {"compile": False}, {"device": device} if device else {})
     runtime = Runtime.from_config(trainer)
