@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from mcn import distributed
 from mcn.errors import MCNError, StorageError
 from mcn.files import lock
 
@@ -98,7 +99,7 @@ class RunFolderCheck(Callback):
     file as it was. The lock taken here is the run's for the life of the process."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 speaks for the job
+        if distributed.from_environment().rank == 0:  # several processes (torchrun, Slurm tasks): rank 0 holds it
             _or_exit(lambda: lock.acquire(_writable(Path(str(config.hydra.run.dir)))))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:

@@ -98,6 +98,7 @@ def test_a_second_process_is_refused_in_one_line_and_a_killed_run_reads_lost_and
     pinned = hydra_override("hydra.run.dir", run_dir)
     first = start([*QUICK, "trainer.epochs=6", "trainer.save_every=1", pinned], tmp_path)
     wait_for(lambda: (read_status(run_dir / "run_status.json") or {}).get("epoch", 0) >= 1)
+    first.send_signal(signal.SIGSTOP)  # alive and holding its folder, but it cannot finish while the second tries
     hydra_files = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     second = run_cli([*QUICK, "trainer.epochs=6", "optim.head_lr=0.01", pinned], tmp_path)
     assert second.returncode == 2 and "Traceback" not in second.stderr

@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from mcn.errors import RunInterrupted
 from mcn.train import run
 from mcn.training import runtime as runtime_module
 from mcn.training.runtime import Runtime, choose_threads, cpu_bf16
@@ -96,7 +97,7 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path, monkeypatch
     job, common = str(tmp_path / "job"), ["trainer.epochs=2", "experts.num=2", "trainer.precision=auto"]
     fake_onednn(monkeypatch, True)  # started where bf16 is native: auto chose bf16
     interrupt_epoch(monkeypatch, 2, signal.SIGTERM)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunInterrupted):  # SIGTERM outside a submitit job: one line
         run(compose_cfg(tmp_path, common), job)
     monkeypatch.undo()
     fake_onednn(monkeypatch, False)  # resumed where it is not

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -29,7 +28,8 @@ def run_recipe(recipe) -> dict:
     (the test set is read once). SIGTERM before or after the epoch loop ends the run with one line, its state
     `interrupted`. The tracker is closed (as failed) even when training raises."""
     root = recipe.files.root
-    took = lock.acquire(root) if int(os.environ.get("RANK", "0")) == 0 else False  # before any file is touched
+    # before any file is touched; the job's rank 0 holds it for every process of a multi-process job
+    took = lock.acquire(root) if distributed.from_environment().rank == 0 else False
     try:
         done = _results_when_done(recipe)
         if done is not None:

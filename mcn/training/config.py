@@ -77,7 +77,6 @@ VALUE_RULES: dict[str, tuple[str, object, bool]] = {  # key: (rule, a passing va
     "probe.patience": (COUNT, 20, False),
     "probe.lr": (RATE, 1e-3, False),
     "probe.batch_size": (COUNT, 256, False),
-    "pretrain.index": (WHOLE, 0, False),
     "pretrain.epochs": (COUNT, 250, False),
     "pretrain.batch_size": (COUNT, 128, True),
     "pretrain.optim.lr": (RATE, 0.1, True),
