@@ -17,7 +17,7 @@ from mcn.data.datasets import DEBIAN_FASHION_MNIST
 from mcn.files import TEMP_PATTERN, read_csv, read_status
 from mcn.models import create_expert, list_fusions
 
-from helpers import pretrain_experts, run_cli
+from helpers import pretrain_experts, read_only_folder, run_cli
 
 QUICK = ["experiment=quickstart", "logger=none", "trainer.progress_bar=false"]
 
@@ -208,16 +208,8 @@ def test_full_disk_ends_with_one_line_leaves_no_temp_file_and_resumes_once_freed
 
 
 def test_read_only_folder_is_named_with_its_cause(tmp_path):
-    read_only = tmp_path / "ro"
-    read_only.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with read_only_folder(tmp_path / "ro") as read_only:
         proc = run_cli([*QUICK, f"paths.output_root={read_only}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    finally:
-        subprocess.run(["umount", "-l", str(read_only)], check=False)
     assert proc.returncode == 1
     line = error_line(proc)
     assert f"cannot write {read_only}/splits/digits_iid_k4_split42/" in line and "read-only file system" in line

@@ -19,7 +19,7 @@ from mcn.files import read_csv, read_status
 from mcn.shell import hydra_override
 from mcn.training.config import VALUE_RULES, check_value
 
-from helpers import run_cli
+from helpers import read_only_folder, run_cli
 
 QUICK = ["experiment=quickstart", "logger=none", "trainer.progress_bar=false", "trainer.batch_size=64"]
 WEIRD = "run dir, é=1 'q'"  # a space, a comma, =, quotes and non-ASCII: what shells and Hydra's grammar read specially
@@ -191,16 +191,8 @@ def test_every_value_rule_suggests_a_value_that_passes(key):
 
 
 def test_a_read_only_run_folder_is_one_line_before_hydra_writes(tmp_path):
-    read_only = tmp_path / "ro"
-    read_only.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with read_only_folder(tmp_path / "ro") as read_only:
         proc = run_cli([*QUICK, f"hydra.run.dir={read_only / 'run'}"], tmp_path)
-    finally:
-        subprocess.run(["umount", "-l", str(read_only)], check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     [line] = error_lines(proc.stderr)
     assert f"cannot create {read_only / 'run'}" in line and "read-only file system" in line

@@ -3,8 +3,10 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -96,6 +98,20 @@ def interrupt_epoch(monkeypatch, epoch: int, signum: int):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_epoch", train_epoch)
+
+
+@contextmanager
+def read_only_folder(path: Path):
+    """`path` as a read-only tmpfs for the block (unmounted after); the test is skipped where mounting needs root."""
+    path.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def copy_checkout(dest: Path) -> Path:
