@@ -1,4 +1,4 @@
-"""Follow a -m sweep after submitting it: `python -m mcn.sweep status|retry|cancel FOLDER`.
+"""Follow a -m sweep or a search (mcn.tune) after submitting it: `python -m mcn.sweep status|retry|cancel FOLDER`.
 
     python -m mcn.sweep status outputs/multirun/alpha_study [--watch [SECONDS]]   one row per job
     python -m mcn.sweep retry outputs/multirun/alpha_study    resubmit failed, cancelled, timed-out, unsubmitted jobs
@@ -9,7 +9,7 @@ number, overrides, run folder and the Slurm job ids it was submitted as (mcn.fil
 launcher itself (its Slurm request and Hydra context), which `retry` submits again, each job into its own
 folder, where it resumes from train_state.pth. A job's state is Slurm's (squeue while it is queued or
 running, sacct once it ended) together with its run folder's run_status.json (mcn.files.run_status); without Slurm,
-the run folder's alone.
+the run folder's alone. A search's folder (search.json) shows its trials and workers instead (mcn.search.launch).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from mcn.cluster.jobs import job_states, plural, status_table, submitted_message
 from mcn.cluster.manifest import Sweep
 from mcn.cluster.slurm import require_slurm
 from mcn.errors import MCNError
+from mcn.search import launch as search_launch
+from mcn.search.folder import SearchFolder
 
 
 def status(folder: str, watch: float | None = None) -> int:
@@ -91,13 +93,17 @@ def cancel(folder: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m mcn.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["status", "retry", "cancel"])
-    parser.add_argument("folder", help="the sweep folder a -m sweep printed")
+    parser.add_argument("folder", help="the sweep folder a -m sweep printed, or a search's folder (mcn.tune)")
     parser.add_argument(
         "--watch", nargs="?", type=float, const=10.0, metavar="SECONDS", help="status: refresh until every job ended"
     )
     args = parser.parse_args(argv)
     with one_line_errors():
         try:
+            if SearchFolder.is_search(args.folder):
+                if args.command == "status":
+                    return search_launch.status(args.folder, args.watch)
+                return {"retry": search_launch.retry, "cancel": search_launch.cancel}[args.command](args.folder)
             if args.command == "status":
                 return status(args.folder, args.watch)
             return {"retry": retry, "cancel": cancel}[args.command](args.folder)

@@ -9,7 +9,10 @@ import mcn
 
 ROOT = Path(mcn.__file__).parent
 # the commands (`python -m mcn.X`) and their one-line-error helpers: nothing in the library imports them
-COMMANDS = {f"mcn.{name}" for name in ("train", "experts", "pipeline", "evaluate", "components", "robustness", "sweep")}
+COMMANDS = {
+    f"mcn.{name}"
+    for name in ("train", "experts", "pipeline", "evaluate", "components", "robustness", "sweep", "tune", "tune_worker")
+}
 COMMAND_HELPERS = {"mcn.cli"}
 # the library's layers, lowest first: a module imports its own layer and those below, never one above
 LAYERS = [
@@ -19,6 +22,7 @@ LAYERS = [
     {"mcn.training"},
     {"mcn.evaluation"},
     {"mcn.recipes", "mcn.cluster"},
+    {"mcn.search"},
 ]
 
 

@@ -481,3 +481,85 @@ def test_held_and_retried_jobs_run_the_code_and_config_submitted_not_the_edited_
     for script in sweep_dir.glob(".submitit/*/*_submission.sh"):  # the array's and the retry's
         text = script.read_text()
         assert f"export PYTHONPATH={snapshot}${{PYTHONPATH:+:$PYTHONPATH}}\nexport PYTHONSAFEPATH=1\n" in text
+
+
+def test_a_search_array_with_a_preempted_worker_counts_every_trial_once_and_a_relaunch_submits_nothing(tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    args = [*SLURM, "trainer.epochs=20", "search.name=lr", "hparams_search=multiplicative", "search.n_trials=3"]
+    args += ["search.workers=2", "search.pruner=none"]
+    launched = subprocess.run(
+        [sys.executable, "-m", "mcn.tune", *args], cwd=tmp_path, env=ENV, text=True, capture_output=True, timeout=120
+    )
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    assert re.search(r"mcn: submitted 2 workers to Slurm as array \d+\nmcn: search folder ", launched.stdout)
+    folder = tmp_path / "outputs" / "search" / "lr"
+    deadline, trial = time.time() + 180, None
+    while time.time() < deadline and trial is None:  # a trial 3 epochs in: its worker is preempted there
+        for report in folder.glob("trials/*/fusion_multiplicative_report.csv"):
+            if report.read_text().count("\nval,") >= 3:
+                trial = report.parent
+        time.sleep(0.2)
+    assert trial is not None, "no trial got to epoch 3"
+    job_id = json.loads((trial / "run_status.json").read_text())["slurm_job_id"]
+    preempt(job_id)
+
+    status = sweep_cli("status", folder, "--watch", "1", cwd=tmp_path, timeout=600)
+    final = status.stdout.split("\033[2J")[-1]
+    assert status.returncode == 0 and "3 of 3 trials taken: 3 complete" in final, final + status.stderr
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+    trials = optuna.load_study(study_name="mcn", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3  # each counted once: none failed, none asked again
+    assert all(sorted(t.intermediate_values) == list(range(1, 21)) for t in trials)
+    log = (trial / "train.log").read_text()
+    assert "caught SIGTERM" in log and "resumed from" in log
+    assert json.loads((trial / "run_status.json").read_text())["starts"] == 2
+    assert val_epochs(trial) == [str(e) for e in range(1, 21)]  # resumed after its last saved epoch, each once
+    assert slurm_records(job_id, until="COMPLETED")[0] == "PREEMPTED"
+
+    workers = json.loads((folder / "search.json").read_text())["workers"]
+    again = subprocess.run(
+        [sys.executable, "-m", "mcn.tune", *args], cwd=tmp_path, env=ENV, text=True, capture_output=True, timeout=120
+    )
+    assert again.returncode == 0 and f"mcn: nothing to submit: the search in {folder} is finished" in again.stdout
+    assert "submitted" not in again.stdout and json.loads((folder / "search.json").read_text())["workers"] == workers
+
+
+def test_a_cancelled_search_reads_lost_and_its_retry_resumes_the_trial_counted_once(tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    args = [*SLURM, "trainer.epochs=30", "search.name=lr", "hparams_search=multiplicative", "search.n_trials=1"]
+    args += ["search.workers=1", "search.pruner=none"]
+    launched = subprocess.run(
+        [sys.executable, "-m", "mcn.tune", *args], cwd=tmp_path, env=ENV, text=True, capture_output=True, timeout=120
+    )
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    folder = tmp_path / "outputs" / "search" / "lr"
+    report = folder / "trials" / "0" / "fusion_multiplicative_report.csv"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (report.exists() and report.read_text().count("\nval,") >= 2):
+        time.sleep(0.2)
+    cancelled = sweep_cli("cancel", folder, cwd=tmp_path, timeout=180)
+    said = cancelled.stdout + cancelled.stderr
+    assert re.fullmatch(r"mcn: cancelled 1 worker: \d+(_0)?; .*\n", cancelled.stdout), said
+
+    status = sweep_cli("status", folder, cwd=tmp_path)
+    assert status.returncode == 1 and re.search(r"\n\s+0\s+LOST\s", status.stdout), status.stdout + status.stderr
+    assert f"lost trials resume when a worker asks for one: python -m mcn.sweep retry {folder}" in status.stdout
+    retried = sweep_cli("retry", folder, cwd=tmp_path)
+    assert retried.returncode == 0 and "mcn: submitted 1 worker to Slurm" in retried.stdout, retried.stderr
+    done = sweep_cli("status", folder, "--watch", "1", cwd=tmp_path, timeout=400)
+    assert done.returncode == 0 and "1 of 1 trials taken: 1 complete" in done.stdout.split("\033[2J")[-1]
+    again = sweep_cli("retry", folder, cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr == f"mcn: error: nothing to retry in {folder}: the search is finished\n"
+    trial = report.parent
+    assert "resumed from" in (trial / "train.log").read_text()
+    assert json.loads((trial / "run_status.json").read_text())["starts"] == 2
+    assert val_epochs(trial) == [str(e) for e in range(1, 31)]
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+    (only,) = optuna.load_study(study_name="mcn", storage=storage).trials
+    assert only.state.name == "COMPLETE"
+    assert len(json.loads((folder / "search.json").read_text())["workers"][0]["job_ids"]) == 2

@@ -22,7 +22,6 @@ Requeue on preemption / time-out is Slurm's and submitit's; resuming is the reci
 import dataclasses
 import logging
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -34,18 +33,19 @@ from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobStatus, filter_overrides
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from mcn import shell
 from mcn.cli import fail as _fail
 from mcn.cluster.jobs import JobState, job_states, submitted_message
 from mcn.cluster.manifest import Sweep
 from mcn.cluster.slurm import last_error_line, max_array_size
+from mcn.cluster.submit import make_executor
 from mcn.errors import MCNError
 from mcn.files import RunFolder, read_status
-from mcn.files.code import code_root, describe, snapshot_code
+from mcn.files.code import code_root, describe, snapshot_code, snapshot_environment
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ class _SweepLauncher(BaseSubmititLauncher):
         """What a job's environment needs to import from the snapshot: the snapshot first on sys.path, then
         `pythonpath` (the job's own PYTHONPATH), and no checkout in the working directory ahead of them (`python -m
         submitit.core._submit` puts the working directory first, unless PYTHONSAFEPATH is set)."""
-        if self.code is None:
-            return {}
-        return {"PYTHONPATH": self.code["path"] + (f":{pythonpath}" if pythonpath else ""), "PYTHONSAFEPATH": "1"}
+        return snapshot_environment(self.code, pythonpath)
 
     def skip(self, view: JobState) -> bool:
         """A relaunch skips the jobs whose run is done (a local sweep's jobs run nowhere else)."""
@@ -110,19 +108,11 @@ class _SweepLauncher(BaseSubmititLauncher):
         return str(config.hydra.sweep.subdir)
 
     def executor(self):
-        """submitit's executor with the launcher's request (as hydra-submitit-launcher builds it)."""
-        import submitit
-
-        init_keys = {"submitit_folder", "max_num_timeout"}
-        init = {"folder": self.params["submitit_folder"]}
-        if "max_num_timeout" in self.params:
-            init[f"{self._EXECUTOR}_max_num_timeout"] = self.params["max_num_timeout"]
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
-        shared = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(
-            **{k if k in shared else f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k not in init_keys}
+        """submitit's executor with the launcher's request; on Slurm its job script puts the job on the sweep's code
+        snapshot, again when Slurm requeues it."""
+        return make_executor(
+            self._EXECUTOR, self.params, self.params["submitit_folder"], environment=self.code_environment(None)
         )
-        return executor
 
     def array_size(self) -> int | None:
         return None
@@ -246,18 +236,6 @@ class MCNSlurmLauncher(_SweepLauncher):
 
     def array_size(self) -> int | None:
         return max_array_size()
-
-    def executor(self):
-        """The request, plus lines of the job script that put the job on the sweep's code snapshot: they run again
-        when Slurm requeues it."""
-        executor = super().executor()
-        own = "${PYTHONPATH:+:$PYTHONPATH}"  # the job's own PYTHONPATH, as its setup lines left it
-        exports = [
-            f"export {k}={shlex.quote(v)}{own if k == 'PYTHONPATH' else ''}"
-            for k, v in self.code_environment(None).items()
-        ]
-        executor.update_parameters(slurm_setup=[*(self.params.get("setup") or []), *exports])
-        return executor
 
     def results(self, submitted: list, jobs: list, skipped: list[JobState], sweep_dir: Path) -> list:
         """Say what was submitted and how to follow it; wait only with hydra.launcher.wait=true."""

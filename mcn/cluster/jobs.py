@@ -76,16 +76,25 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def submitted_message(folder: str | Path, job_ids: list[str], skipped: list[JobState]) -> str:
+def submitted_message(
+    folder: str | Path,
+    job_ids: list[str],
+    skipped: list[JobState],
+    *,
+    noun: str = "job",
+    kind: str = "sweep",
+    retries: str = "failed, cancelled and timed-out jobs",
+) -> str:
+    """What was submitted and the commands that follow it (a sweep's jobs; a search's workers)."""
     arrays = sorted({i.split("_")[0] for i in job_ids}, key=int)
     what = f"array{'s' if len(arrays) > 1 else ''} {', '.join(arrays)}" if "_" in job_ids[0] else f"job {arrays[0]}"
-    lines = [f"mcn: submitted {plural(len(job_ids), 'job')} to Slurm as {what}"]
+    lines = [f"mcn: submitted {plural(len(job_ids), noun)} to Slurm as {what}"]
     if skipped:
         lines[0] += f" (skipped {len(skipped)}: " + ", ".join(f"#{v.job.num} {v.state}" for v in skipped) + ")"
     lines += [
-        f"mcn: sweep folder {folder}; follow it with",
+        f"mcn: {kind} folder {folder}; follow it with",
         f"  {shell.command('mcn.sweep', 'status', folder, '--watch')}",
-        f"  {shell.command('mcn.sweep', 'retry', folder)}    # resubmits failed, cancelled and timed-out jobs",
+        f"  {shell.command('mcn.sweep', 'retry', folder)}    # resubmits {retries}",
         f"  {shell.command('mcn.sweep', 'cancel', folder)}",
     ]
     return "\n".join(lines)

@@ -125,3 +125,13 @@ def snapshot_code(folder: Path) -> dict:
         shutil.rmtree(target, ignore_errors=True)  # a copy that never got its record: cut short
         os.replace(staging, target)
     return {**version, "path": str(target)}
+
+
+def snapshot_environment(code: dict | None, pythonpath: str | None) -> dict[str, str]:
+    """What a job's environment needs to import from the snapshot `code` (`snapshot_code`'s record): the snapshot
+    first on sys.path, then `pythonpath` (the job's own PYTHONPATH), and no checkout in the working directory ahead of
+    them (`python -m submitit.core._submit` puts the working directory first, unless PYTHONSAFEPATH is set). Nothing
+    without a snapshot."""
+    if code is None:
+        return {}
+    return {"PYTHONPATH": code["path"] + (f":{pythonpath}" if pythonpath else ""), "PYTHONSAFEPATH": "1"}

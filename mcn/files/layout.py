@@ -60,6 +60,11 @@ class FusionRunFiles(RunFolder):
     def results(self) -> Path:
         return self.root / f"fusion_training_results_{self.fusion_type}.json"
 
+    @property
+    def validation_results(self) -> Path:
+        """What a search's trial (mcn.search) leaves instead of `results`: validation only, the test set unread."""
+        return self.root / f"fusion_validation_results_{self.fusion_type}.json"
+
     # what `python -m mcn.robustness` writes beside the run
     @property
     def robustness_csv(self) -> Path:

@@ -25,7 +25,8 @@ Feature flags (all in the config):
 - `trainer.precision` / `channels_last` / `compile` / `data_on_device`: speed, `auto` = fast on GPU.
 
 Model selection uses the validation part of the fusion holdout only; the test set is evaluated
-once, at the end, with the weights of the best epoch read back from `best_complete_fusion_*.pth`.
+once, at the end, with the weights of the best epoch read back from `best_complete_fusion_*.pth`. A search's trial
+(`judge` given, mcn.search) never reads it: no test pass, no baselines; it writes its validation record instead.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from mcn.files import (
     load_weights,
     pretrained_expert_path,
     save_component,
+    write_json,
 )
 from mcn.files.code import code_version
 from mcn.models import MCN, ExpertStack, create_fusion, fusion_width, list_fusions
@@ -95,14 +97,19 @@ class FusionRecipe:
     monitor = "global_accuracy"
     lr_keys = {"base_lr": "optim.base_lr", "head_lr": "optim.head_lr"}
 
-    def __init__(self, cfg: DictConfig, output_dir: str | Path):
+    def __init__(self, cfg: DictConfig, output_dir: str | Path, judge=None):
+        """`judge(epoch, val) -> bool`: a search's trial (mcn.search.worker) hears each epoch's validation metrics
+        and may stop the run (pruned); such a run never passes the test set through the model."""
         self.cfg = absolute_paths(cfg)
+        self.judge = judge
+        self.reads_test = judge is None
         self.config = resolved(self.cfg)
         self.fusion_type = cfg.fusion.name
         self.files = FusionRunFiles(Path(output_dir), self.fusion_type)
         self.identity = {"stage": "fusion", "fusion_type": self.fusion_type}
         self.probe_fit = None  # this run's probe (mcn.training.probe.ProbeFit), once epoch 0 fitted it
-        self.results_file = self.files.results  # what a finished run leaves: read back when it is run again
+        # what a finished run leaves: read back when it is run again
+        self.results_file = self.files.results if self.reads_test else self.files.validation_results
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -122,7 +129,7 @@ class FusionRecipe:
         self._setup_objective()
         self._setup_outputs()
         log.info(
-            "%s: %d experts (%s, %d features), %s; %d train / %d val / %d test images; %s",
+            "%s: %d experts (%s, %d features), %s; %d train / %d val / %s; %s",
             self.fusion_type,
             self.raw_model.num_experts,
             " + ".join(dict.fromkeys(s.label for s in self.expert_specs)),
@@ -130,7 +137,7 @@ class FusionRecipe:
             self.raw_model.parameter_counts(),
             len(self.train_batches.labels),
             len(self.val_batches.labels),
-            len(self.test_batches.labels),
+            f"{len(self.test_batches.labels)} test images" if self.reads_test else "no test images (a search's trial)",
             self.runtime.describe(),
         )
 
@@ -294,14 +301,15 @@ class FusionRecipe:
             **self.augmentation.batch_extras,
         )
         self.val_batches = make_batches(data.part("fusion_val_indices"), data, cfg, rt, train=False)
-        self.test_batches = make_batches(data.test, data, cfg, rt, train=False)
         self.generators = [self.train_batches.generator, self.augmentation.generator]
         # what the baselines are fitted on, selected on and measured on (the training part plain, in order)
         self.measured_parts = {
             "train": make_batches(data.part("fusion_train_indices"), data, cfg, rt, train=False),
             "val": self.val_batches,
-            "test": self.test_batches,
         }
+        if self.reads_test:
+            self.test_batches = make_batches(data.test, data, cfg, rt, train=False)
+            self.measured_parts["test"] = self.test_batches
 
     def _setup_optimizer(self) -> None:
         optim, frozen = self.cfg.optim, int(self.cfg.trainer.freeze_experts_epochs)
@@ -362,19 +370,23 @@ class FusionRecipe:
 
     # ------------------------------------------------------------------ train
     def predict_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Every head's logits [K + 1, N, C] and the labels: fusion training part, validation part, test set."""
+        """Every head's logits [K + 1, N, C] and the labels: fusion training part, validation part, test set (not in
+        a search's trial)."""
         return {part: predict(self.model, batches, self.runtime) for part, batches in self.measured_parts.items()}
 
     def train(self) -> dict:
-        # the experts as they came in, measured before fusion training: the baselines the fusion must beat
-        self.initial = self.predict_parts()
-        self.initial_test = head_metrics(*self.initial["test"], self.objective)
+        if self.reads_test:  # the experts as they came in, measured before fusion training: the baselines to beat
+            self.initial = self.predict_parts()
+            self.initial_test = head_metrics(*self.initial["test"], self.objective)
         if self.cfg.model.new_expert_heads:  # after the pretrained heads were measured; a resume loads its own
             with torch.random.fork_rng(devices=[self.runtime.device] if self.runtime.device.type == "cuda" else []):
                 torch.manual_seed(self.head_seed)
                 self.raw_model.reset_expert_heads()
             log.info("model.new_expert_heads=true: every expert's own head starts anew over all classes")
-        best, epochs_run, seconds = EpochLoop.from_config(self, self.cfg.trainer.epochs, self.cfg.trainer).run()
+        loop = EpochLoop.from_config(self, self.cfg.trainer.epochs, self.cfg.trainer, judge=self.judge)
+        best, epochs_run, seconds = loop.run()
+        if not self.reads_test:
+            return self.finish_trial(best, epochs_run, seconds, pruned=loop.pruned)
         return self.finish(best, epochs_run, seconds)
 
     def initial_epoch(self, should_stop) -> dict | None:
@@ -462,6 +474,32 @@ class FusionRecipe:
         self.tracker.summary({f"test/{k}": v for k, v in test.items()} | {"best_epoch": best["epoch"]})
         self._log_results(results)
         return asdict(results)
+
+    def finish_trial(self, best: dict, epochs_run: int, train_time: float, *, pruned: bool) -> dict:
+        """A search's trial ends on validation: its record, and no test pass."""
+        record = {
+            "fusion_type": self.fusion_type,
+            "best_epoch": best["epoch"],
+            "best_val_accuracy": best["val_accuracy"],
+            "pruned": pruned,
+            "epochs_run": epochs_run,
+            "epochs_planned": int(self.cfg.trainer.epochs),
+            "wall_time_s": round(train_time, 2),
+            "learning_rates": self.lrs,
+            "config": self.config,
+            "code": code_version(),
+        }
+        write_json(self.files.validation_results, record)
+        log.info(
+            "%s: %s after epoch %d, best val %.4f at epoch %d (a search's trial: the test set is not read)",
+            self.fusion_type,
+            "pruned" if pruned else "done",
+            epochs_run,
+            best["val_accuracy"],
+            best["epoch"],
+            extra=HEADLINE,
+        )
+        return record
 
     def _reload_best(self, epoch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The best epoch's complete model read back (and saved as components too, if it was not), then every

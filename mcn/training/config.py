@@ -21,6 +21,7 @@ RESUME_IGNORES = (
     "logger.mode",
     "sweep.name",
     "experts.trust_pickle",
+    "search",  # mcn.tune's settings: how many trials, workers, which space; a trial's own values are set keys
 )
 # keys in which runs may differ and still be replicates of one study group (mcn.study): the seed, and what only
 # says where files live, how a run is shown or how it was orchestrated

@@ -302,6 +302,9 @@ class EpochLoop:
 
     A loss that is not a finite number stops the run in the epoch where it appears (TrainingDiverged);
     it is read with the epoch's metrics, so the steps never wait on the host for it.
+
+    `judge(epoch, val) -> bool`, when given (a search's trial, mcn.search), hears every epoch's validation metrics
+    once its state is saved; True stops the run there (`pruned`), as early stopping would.
     """
 
     def __init__(
@@ -313,19 +316,22 @@ class EpochLoop:
         patience: int | None = None,
         resume: str = "auto",
         progress_bar="auto",
+        judge: Callable[[int, dict], bool] | None = None,
     ):
         self.recipe, self.state_path, self.status = recipe, recipe.files.train_state, RunStatus(recipe.files.status)
         self.epochs, self.save_every, self.patience = epochs, save_every, patience
-        self.resume, self.progress_bar = resume, progress_bar
+        self.resume, self.progress_bar, self.judge = resume, progress_bar, judge
+        self.pruned = False  # the judge stopped the run
         self.signal = None
         self.last_saved = 0
         self.saved = False  # whether this run's train state is on disk (epoch 0 counts)
 
     @classmethod
-    def from_config(cls, recipe: LoopRecipe, epochs: int, trainer) -> EpochLoop:
+    def from_config(cls, recipe: LoopRecipe, epochs: int, trainer, judge=None) -> EpochLoop:
         """The loop as `trainer.*` sets it up: save cadence, early stopping, resume, progress bar."""
         return cls(
             recipe,
+            judge=judge,
             epochs=int(epochs),
             save_every=int(trainer.save_every),
             patience=trainer.early_stopping_patience,
@@ -440,7 +446,7 @@ class EpochLoop:
         try:
             if state is None:
                 best = self.initial_epoch(best, start)
-            for epoch in range(first, epochs + 1):
+            for epoch in range(first, epochs + 1) if not self.pruned else ():  # pruned at epoch 0: no other
                 if self.signal is not None:  # arrived during epoch 0
                     break
                 r.start_epoch(epoch)
@@ -489,6 +495,10 @@ class EpochLoop:
                 self.save_state(epoch, best, elapsed)
                 self.last_saved = epoch
                 self.status.progress(epoch, epochs, best)
+                if self.judge is not None and self.judge(epoch, val):
+                    self.pruned = True
+                    log.info("pruned after epoch %d: its validation metric lags the search's other trials", epoch)
+                    break
                 if stop:
                     log.info("early stopping: no better validation accuracy for %d epochs", self.patience)
                     break
@@ -523,6 +533,9 @@ class EpochLoop:
         log.info("epoch 0  val loss %.4f acc %.4f | %.1fs", val["loss"], val[r.monitor], elapsed)
         self.save_state(0, best, elapsed)
         self.status.progress(0, self.epochs, best)
+        if self.judge is not None and self.judge(0, val):
+            self.pruned = True
+            log.info("pruned after epoch 0: its validation metric lags the search's other trials")
         return best
 
     def check_finite(self, epoch: int, train: dict, val: dict, lrs: dict[str, float]) -> None:
