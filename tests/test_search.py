@@ -153,6 +153,14 @@ def test_a_local_search_with_two_workers_and_pruning_counts_every_trial_once_and
     assert (folder / "plots" / "history.png").stat().st_size > 0 and (folder / "plots" / "slice.png").exists()
     rerun = re.search(r"rerun the best over seeds: (.+)", out).group(1)
     assert "python -m mcn.train -m" in rerun and "optim.head_lr=0.003" in rerun and "seed=0,1,2" in rerun
+    report = re.search(r"then its test results beside every baseline of the same experts: (.+)", out).group(1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for command in (rerun, report):  # both paste and work, from anywhere
+        pasted = subprocess.run(["sh", "-c", command], cwd=elsewhere, env=ENV, text=True, capture_output=True)
+        assert pasted.returncode == 0, pasted.stdout[-2000:] + pasted.stderr[-2000:]
+    rows = read_csv(tmp_path / "outputs" / "multirun" / "lr_best" / "fusion_performance_summary.csv")
+    assert sorted(int(r["seed"]) for r in rows) == [0, 1, 2] and {r["status"] for r in rows} == {"done"}
 
     status = run_cli(["status", str(folder)], tmp_path, module="mcn.sweep")
     assert status.returncode == 0 and "best: trial 0" in status.stdout, status.stdout + status.stderr
@@ -248,3 +256,14 @@ def test_the_nll_objective_reports_the_global_heads_validation_nll_each_epoch(tm
     assert values[2] == pytest.approx(float(F.cross_entropy(logits[0], labels)), rel=1e-5)
     tell(study, trial.number, pruned=False, objective="val_nll")
     assert study.trials[0].value == min(values.values())  # the best epoch's, for a minimised objective
+
+
+def test_a_long_sweep_job_name_is_cut_short_with_a_hash():
+    from mcn.training.config import job_dirname
+
+    short = "0_fusion=concatenation"
+    assert job_dirname(short) == short
+    long = "0_" + ",".join(f"optim.k{i}=0.00011804224323917872" for i in range(12))
+    other = long.replace("k11", "k12")
+    assert len(job_dirname(long).encode()) <= 200 and job_dirname(long) != job_dirname(other)
+    assert job_dirname(long).startswith("0_optim.k0=") and job_dirname("é" * 150)  # cut at a character boundary

@@ -34,6 +34,7 @@ from mcn.search.space import search_space
 from mcn.training.config import RESUME_IGNORES
 
 FORMAT = "mcn-search-v1"
+MANIFEST_KEYS = {"format", "root", "cwd", "argv", "rerun_overrides", "launcher", "launcher_params", "config", "workers"}
 STUDY = "mcn"  # the study's name inside its journal
 OBJECTIVES = {"val_accuracy": "maximize", "val_nll": "minimize"}
 # keys that may change when a search is launched again into its folder: how many trials and workers, and what
@@ -77,8 +78,9 @@ class SearchFolder:
         search = cls(folder)
         try:
             search.data = json.loads(search.manifest.read_text())
-            if search.data["format"] != FORMAT:
-                raise ValueError(search.data["format"])
+            missing = MANIFEST_KEYS - set(search.data)
+            if search.data["format"] != FORMAT or missing:
+                raise ValueError(search.data["format"], sorted(missing))
             search.data["workers"] = [Worker(**w) for w in search.data["workers"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise MCNError(

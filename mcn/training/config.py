@@ -181,6 +181,19 @@ def _run_name(*, _root_: DictConfig) -> str:
 OmegaConf.register_new_resolver("mcn.run_name", _run_name, replace=True)
 
 
+def job_dirname(name: str, limit: int = 200) -> str:
+    """A sweep job's folder name (`hydra.sweep.subdir`): Hydra's `<num>_<overrides>` while it fits in `limit` bytes
+    (file systems allow 255 per name); longer (a search's best rates as exact floats, many keys), its start and 8 hex
+    digits of its SHA-256, so the same overrides still give the same folder."""
+    if len(name.encode()) <= limit:
+        return name
+    start = name.encode()[: limit - 9].decode(errors="ignore")
+    return f"{start}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+OmegaConf.register_new_resolver("mcn.job_dirname", job_dirname, replace=True)
+
+
 def absolute_paths(cfg: DictConfig) -> DictConfig:
     """Pin `paths.*` to absolute paths, so a saved config still finds the data and split from anywhere."""
     for key in ("output_root", "data_dir", "split_dir", "experts_dir"):  # output_root first: the others interpolate it

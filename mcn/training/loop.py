@@ -304,7 +304,7 @@ class EpochLoop:
     it is read with the epoch's metrics, so the steps never wait on the host for it.
 
     `judge(epoch, val) -> bool`, when given (a search's trial, mcn.search), hears every epoch's validation metrics
-    once its state is saved; True stops the run there (`pruned`), as early stopping would.
+    once its state is saved; True stops the run there (`pruned`), as early stopping would, before its last epoch.
     """
 
     def __init__(
@@ -495,7 +495,8 @@ class EpochLoop:
                 self.save_state(epoch, best, elapsed)
                 self.last_saved = epoch
                 self.status.progress(epoch, epochs, best)
-                if self.judge is not None and self.judge(epoch, val):
+                # the judge hears every epoch; the last one ends the run anyway, so it is never pruned
+                if self.judge is not None and self.judge(epoch, val) and epoch < epochs:
                     self.pruned = True
                     log.info("pruned after epoch %d: its validation metric lags the search's other trials", epoch)
                     break
