@@ -171,9 +171,9 @@ def test_a_local_search_with_two_workers_and_pruning_counts_every_trial_once_and
     assert len(study_of(folder).trials) == 4
 
 
-def test_a_killed_worker_leaves_its_trial_lost_and_the_printed_relaunch_resumes_it(tmp_path):
-    args = [*QUICK, "trainer.epochs=12", "search.name=lr", "hparams_search=multiplicative", "search.n_trials=1"]
-    args += ["search.workers=1", "search.pruner=none"]
+def start_search(args, tmp_path, epochs):
+    """`mcn.tune` started with `args` (search.name=lr): (its process, trial 0's folder, its worker's PID) once that
+    trial has validated `epochs` epochs."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mcn.tune", *args],
         cwd=tmp_path,
@@ -185,9 +185,16 @@ def test_a_killed_worker_leaves_its_trial_lost_and_the_printed_relaunch_resumes_
     trial = tmp_path / "outputs" / "search" / "lr" / "trials" / "0"
     report = trial / "fusion_multiplicative_report.csv"
     deadline = time.time() + 120
-    while time.time() < deadline and not (report.exists() and report.read_text().count("\nval,") >= 3):
+    while time.time() < deadline and not (report.exists() and report.read_text().count("\nval,") >= epochs):
         time.sleep(0.2)
-    worker = json.loads((trial / ".mcn.lock").read_text())["pid"]
+    return proc, trial, json.loads((trial / ".mcn.lock").read_text())["pid"]
+
+
+def test_a_killed_worker_leaves_its_trial_lost_and_the_printed_relaunch_resumes_it(tmp_path):
+    args = [*QUICK, "trainer.epochs=12", "search.name=lr", "hparams_search=multiplicative", "search.n_trials=1"]
+    args += ["search.workers=1", "search.pruner=none"]
+    proc, trial, worker = start_search(args, tmp_path, epochs=3)
+    report = trial / "fusion_multiplicative_report.csv"
     os.kill(worker, signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in out + err, out + err
@@ -212,20 +219,7 @@ def test_a_killed_worker_leaves_its_trial_lost_and_the_printed_relaunch_resumes_
 
 def test_sigterm_stops_a_local_search_and_its_workers_in_one_line(tmp_path):
     args = [*QUICK, "trainer.epochs=30", "search.name=lr", "hparams_search=multiplicative", "search.n_trials=1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mcn.tune", *args, "search.workers=1"],
-        cwd=tmp_path,
-        env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    trial = tmp_path / "outputs" / "search" / "lr" / "trials" / "0"
-    report = trial / "fusion_multiplicative_report.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (report.exists() and report.read_text().count("\nval,") >= 2):
-        time.sleep(0.2)
-    worker = json.loads((trial / ".mcn.lock").read_text())["pid"]
+    proc, trial, worker = start_search([*args, "search.workers=1"], tmp_path, epochs=2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in out + err, out + err
