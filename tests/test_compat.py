@@ -46,3 +46,20 @@ def test_a_run_folder_written_by_mcn_0_1_loads_and_reconstructs_exactly(tmp_path
 
     (row,) = collect_runs(run)
     assert (row["status"], row["test_accuracy"], row["best_epoch"]) == ("done", results.test_accuracy, 2)
+
+
+def test_keys_added_since_do_not_read_as_config_changes(tmp_path):
+    """A config saved before data.source, split.dedup, paths.cache_dir and a timm expert's native_input existed
+    means the built-in set, no dedup and the data as it is: resuming, relaunching or grouping it must not see them
+    as changes (`with_added_keys`)."""
+    from mcn.training.config import config_changes, resolved, resume_changes
+
+    old = load_checkpoint(OLD_RUN / f"best_complete_fusion_{FUSION}.pth")["config"]
+    assert "source" not in old["data"] and "cache_dir" not in old["paths"]
+    new = resolved(compose_cfg(tmp_path, [f"fusion={FUSION}"]))
+    added = ("data.source", "split.dedup", "paths.cache_dir", "expert.native_input")
+    assert not [c for c in resume_changes(old, new) if c.startswith(added)]
+    # a pretrained timm expert of an old run was fed the data as it is: today's rule is a change for it
+    timm_old = {**old, "expert": {"preset": "timm", "name": "test_resnet", "pretrained": True}}
+    timm_new = {**new, "expert": {"preset": "timm", "name": "test_resnet", "pretrained": True, "native_input": True}}
+    assert "expert.native_input: False -> True" in config_changes(timm_old, timm_new)

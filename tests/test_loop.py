@@ -35,7 +35,7 @@ class ScriptedRecipe:
         self.generators = []
         self.config = {"loss": {"alpha": 1.0}}
         self.report = EpochCsv(root / "report.csv", ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
-        self.tracker = RunTracker(OmegaConf.create({"logger": {"name": "none", "mode": "disabled"}}), None, "", None)
+        self.tracker = RunTracker(OmegaConf.create({"logger": {"name": "none", "mode": "disabled"}}), None, "")
         self.best, self.saved = [], []
 
     def initial_epoch(self, should_stop):

@@ -1,6 +1,9 @@
-"""Experiment tracking through the CLI: an offline wandb run that is interrupted and resumed is one run, and the
-sync command it prints names every offline folder of it, quoted so that it can be pasted into a POSIX shell."""
+"""Experiment tracking: a run that is interrupted and resumed is one tracked run, read back with each tracker's own
+reader (wandb through the CLI: the sync command it prints names every offline folder of it); the command each start
+prints is quoted so that it can be pasted into a POSIX shell."""
 
+import csv
+import logging
 import os
 import shlex
 import signal
@@ -9,7 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-from mcn.files import read_status
+import pytest
+
+from mcn.errors import ConfigError
+from mcn.files import RunFolder, read_csv, read_status
+from mcn.recipes import run_recipe
+from mcn.recipes.expert import ExpertRecipe
+from mcn.shell import hydra_override
+from mcn.training.loop import EpochLoop
+from mcn.training.tracking import RunTracker
+
+from helpers import compose_cfg
 
 OFFLINE = [
     "experiment=quickstart",
@@ -69,3 +82,141 @@ def test_an_interrupted_offline_run_resumes_as_one_run_with_one_sync_command(tmp
     assert dry.returncode == 0, dry.stderr
     assert "Would sync 2 run(s)" in dry.stderr + dry.stdout
     assert all(f"{f.name}/run-{run_id}.wandb" in dry.stderr + dry.stdout for f in folders)
+
+
+TRACKERS = ["tensorboard", "mlflow", "csv"]
+VENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the commands a start prints
+
+
+def start_line(caplog, tracker: str) -> str:
+    lines = [m for m in caplog.messages if m.startswith(f"{tracker}: ")]
+    assert len(lines) == 1, caplog.text[-3000:]
+    return lines[0]
+
+
+def mlflow_run(line: str):
+    """The MLflow run a start's line names, read through the store its printed `mlflow ui` command names."""
+    from mlflow.tracking import MlflowClient
+
+    words = shlex.split(line.split("view it with: ", 1)[1].split(" (the UI needs", 1)[0])
+    assert words[:3] == ["mlflow", "ui", "--backend-store-uri"] and len(words) == 4
+    client = MlflowClient(words[3])
+    return client, client.get_run(line.split()[2])
+
+
+def history(tracker: str, root: Path, line: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every value of metric `key` the tracker holds, in the order they were logged, as its own
+    reader gives them."""
+    if tracker == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(root / "tensorboard"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(key)]
+    if tracker == "mlflow":
+        client, run = mlflow_run(line)
+        metrics = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.timestamp, m.step))
+        return [(m.step, m.value) for m in metrics]
+    with open(root / "csv" / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r[key]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_a_run_stopped_between_logging_and_saving_an_epoch_resumes_as_one_tracked_run(
+    tracker, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="mcn")
+    root, store = tmp_path / "a run's folder", tmp_path / "out put's"  # a quote and spaces: still pasted
+    overrides = [f"logger={tracker}", "pretrain.epochs=3", hydra_override("paths.output_root", store)]
+    save_state = EpochLoop.save_state
+
+    def stopped_at_epoch_2(loop, epoch, *args):
+        if epoch == 2:  # epoch 2 is logged, never saved: as a job killed between the two
+            raise KeyboardInterrupt
+        save_state(loop, epoch, *args)
+
+    monkeypatch.setattr(EpochLoop, "save_state", stopped_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(ExpertRecipe(compose_cfg(tmp_path, overrides), root))
+    first = start_line(caplog, tracker)
+    assert [step for step, _ in history(tracker, root, first, "val/accuracy")] == [1, 2]
+    if tracker == "mlflow":
+        assert mlflow_run(first)[1].info.status == "KILLED"
+    caplog.clear()
+    monkeypatch.undo()
+
+    recipe = ExpertRecipe(compose_cfg(tmp_path, overrides), root)
+    run_recipe(recipe)
+    assert start_line(caplog, tracker) == first  # the same folder, file or run id
+    # what the run kept: epoch 1 of the first start, epochs 2 and 3 of the second (the report CSV holds the same)
+    report = [(int(r["epoch"]), float(r["loss"])) for r in read_csv(recipe.files.report) if r["phase"] == "train"]
+    logged = history(tracker, root, first, "train/loss")
+    if tracker == "mlflow":  # append-only: the unsaved epoch 2 stays beside its rerun
+        assert [step for step, _ in logged] == [1, 2, 2, 3]
+        logged = [logged[0], *logged[2:]]
+    assert [step for step, _ in logged] == [step for step, _ in report] == [1, 2, 3]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in report])
+
+    view = shlex.split(first.split("view it with: ", 1)[1].split(" (the UI needs", 1)[0]) if tracker != "csv" else []
+    if tracker == "tensorboard":
+        assert first == f"tensorboard: run in {root / 'tensorboard'}; view it with: {shlex.join(view)}"
+        assert view == ["tensorboard", "--logdir", str(root / "tensorboard")]
+        assert len(list((root / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per start, one run
+        pasted = subprocess.run(
+            ["sh", "-c", f"{shlex.join(view)} --inspect"], env=VENV, capture_output=True, text=True, timeout=120
+        )
+        assert pasted.returncode == 0, pasted.stderr
+        assert "train/loss" in pasted.stdout + pasted.stderr
+    elif tracker == "mlflow":
+        client, run = mlflow_run(first)
+        assert run.info.status == "FINISHED" and run.info.run_name == "expert_0"
+        assert (root / "mlflow_run_id.txt").read_text() == run.info.run_id
+        assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run.info.run_id]
+        assert run.data.params["pretrain.epochs"] == "3" and run.data.params["logger.name"] == "mlflow"
+        assert view[3] == f"sqlite:///{store}/mlflow.db" and sorted(tmp_path.iterdir()) == [root, store]
+    else:
+        metrics = root / "csv" / "metrics.csv"
+        assert first == f"csv: metrics in {metrics}, one row per step; the summary in {root / 'csv' / 'summary.csv'}"
+        assert metrics.read_text().splitlines()[0] == "step,train/loss,train/accuracy,val/loss,val/accuracy,lr"
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_the_summary_is_one_value_without_a_step_and_the_run_ends_finished(tracker, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mcn")
+    root, store = tmp_path / "run", tmp_path / "100% out?"  # what a SQLite URI must escape
+    cfg = compose_cfg(tmp_path, [f"logger={tracker}", hydra_override("paths.output_root", store)])
+    tracked = RunTracker(cfg, RunFolder(root), "unit")
+    tracked.log({"val/accuracy": 0.5}, 1)
+    tracked.summary({"test/accuracy": 0.75, "best_epoch": 1})
+    tracked.finish()
+    line = start_line(caplog, tracker)
+    if tracker == "csv":
+        with open(root / "csv" / "summary.csv", newline="") as f:
+            assert list(csv.DictReader(f)) == [{"test/accuracy": "0.75", "best_epoch": "1"}]
+    else:
+        assert history(tracker, root, line, "test/accuracy") == [(0, 0.75)]
+    assert history(tracker, root, line, "val/accuracy") == [(1, 0.5)]
+    if tracker == "mlflow":
+        assert mlflow_run(line)[1].info.status == "FINISHED"
+        assert (store / "mlflow.db").is_file()
+
+
+def test_an_unknown_tracker_is_refused_in_one_line(tmp_path):
+    cfg = compose_cfg(tmp_path, ["logger=csv", "logger.name=tensorbord"])
+    with pytest.raises(ConfigError) as refused:
+        RunTracker(cfg, RunFolder(tmp_path / "run"), "unit")
+    assert str(refused.value) == (
+        "logger.name='tensorbord' is not a tracker; known: none, wandb, tensorboard, mlflow, csv "
+        "(e.g. logger=tensorboard)"
+    )
+
+
+def test_only_rank_0_tracks(tmp_path, monkeypatch):
+    import mcn.distributed
+
+    monkeypatch.setattr(mcn.distributed, "is_main", lambda: False)
+    tracked = RunTracker(compose_cfg(tmp_path, ["logger=csv"]), RunFolder(tmp_path / "run"), "unit")
+    tracked.log({"val/accuracy": 0.5}, 1)
+    tracked.finish()
+    assert not (tmp_path / "run").exists()

@@ -30,6 +30,17 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
     return x
 
 
+def resize(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """x: [B, C, H, W] float, resized to `size` (H, W): nearest, or bilinear / bicubic with antialiasing (as
+    Pillow shrinks); timm's other names (e.g. `random`) take bilinear."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if interpolation == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    mode = interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"
+    return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+
+
 def random_erasing(
     x: torch.Tensor, p: float, generator: torch.Generator, scale=(0.02, 0.33), ratio=(0.3, 3.3)
 ) -> torch.Tensor:
@@ -94,7 +105,10 @@ class TensorBatches:
         erasing: float = 0.0,
         uint8_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         shard: tuple[int, int] = (0, 1),
+        loader_workers: int = 0,
+        resize: tuple[tuple[int, int], str] | None = None,
     ):
+        self.loader_workers, self.resize = loader_workers, resize
         self.erasing, self.uint8_transform = erasing, uint8_transform
         self.rank, self.world_size = shard  # training batches: this process's share of each shuffled epoch
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
@@ -119,13 +133,14 @@ class TensorBatches:
             order = order[self.rank :: self.world_size][:n]
         else:
             order = torch.arange(n, device=self.device)
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size].to(self.images.device)
-            # a host-resident set copies just the batch (still uint8) to the device
-            x = self.images[index].to(self.device, non_blocking=True)
+        home = self.images.device
+        batches = [order[start : start + self.batch_size].to(home) for start in range(0, n, self.batch_size)]
+        for index, x in zip(batches, self._uint8_batches(batches)):
             if self.train and self.uint8_transform is not None:
                 x = torch.stack([self.uint8_transform(image) for image in x])
             x = x.float()
+            if self.resize is not None:
+                x = resize(x, *self.resize)
             y = self.labels[index].to(self.device, non_blocking=True)
             x = (x - self.mean) / self.std
             if self.train:
@@ -135,3 +150,36 @@ class TensorBatches:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
+
+    def _uint8_batches(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The uint8 images of each batch of indices, on the device. A tensor is indexed in place (a host-resident
+        one copies just the batch); a memory-mapped set is read ahead by DataLoader workers into pinned memory."""
+        if isinstance(self.images, torch.Tensor):
+            for index in batches:
+                yield self.images[index].to(self.device, non_blocking=True)
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            _Rows(self.images, batches),
+            batch_size=None,  # each item is a whole batch: one read of sorted rows per batch
+            num_workers=self.loader_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.loader_workers else None,
+            generator=torch.Generator(),  # its workers' seeds would otherwise come from the global stream (dropout)
+        )
+        for x in loader:
+            yield x.to(self.device, non_blocking=True)
+
+
+class _Rows:
+    """Batch i of a memory-mapped set (a map-style data set of whole batches)."""
+
+    def __init__(self, images, batches: list[torch.Tensor]):
+        self.images, self.batches = images, [b.numpy() for b in batches]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[self.batches[i]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class SplitSpec:
     unique_fraction: float = 0.15  # iid: of the pool, each expert's own
     alpha: float = 0.5  # dirichlet: concentration (small = skewed)
     seed: int = 42
+    dedup: bool = False  # drop training-side copies of holdout / test images (mcn.data.leakage)
 
     def check(self, num_classes: int) -> None:
         for name in ("holdout_fraction", "fusion_val_fraction", "expert_val_fraction"):
@@ -142,12 +144,23 @@ class Split:
 
 
 def prepare_split(
-    directory: str | Path, labels: np.ndarray, num_classes: int, spec: SplitSpec, force: bool = False
+    directory: str | Path,
+    labels: np.ndarray,
+    num_classes: int,
+    spec: SplitSpec,
+    force: bool = False,
+    data_key: str | None = None,
+    finish: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> Split:
-    """Load the split in `directory` if it was made from `spec` (and the same data); else make and save it."""
+    """Load the split in `directory` if it was made from `spec` (and the same data); else make and save it.
+    `data_key` names the data (a researcher's own set: its cache entry), so another set under the same
+    `data.name` is refused; `finish` edits a new split's arrays before they are hashed (split.dedup)."""
     directory = Path(directory)
     meta_path = directory / "split_meta.json"
-    recipe = {**asdict(spec), "num_train_images": int(len(labels))}
+    # dedup and data_key only when used: splits made before they existed keep their recipe
+    recipe = {k: v for k, v in asdict(spec).items() if k != "dedup" or v} | {"num_train_images": int(len(labels))}
+    if data_key is not None:
+        recipe["data"] = data_key
     if meta_path.exists() and not force:
         try:
             meta = json.loads(meta_path.read_text())
@@ -158,6 +171,11 @@ def prepare_split(
         }
         if changed:
             what = ", ".join(f"{k}: {old} on disk vs {new} now" for k, (old, new) in changed.items())
+            if "data" in changed:  # other images under the same data.name: its experts are not these images'
+                raise ConfigError(
+                    f"the split in {directory} was made for other images filed under data.name={spec.dataset} "
+                    f"({what}); give this data set its own data.name=<name>"
+                )
             raise ConfigError(
                 f"the split in {directory} was made differently ({what}); set split.force=true to remake it, "
                 f"or point paths.split_dir elsewhere"
@@ -175,6 +193,8 @@ def prepare_split(
             )
         return Split(directory, spec, arrays, meta["hash"])
     arrays = make_split(labels, num_classes, spec)
+    if finish is not None:
+        arrays = finish(arrays)
     digest = split_hash(arrays)
     for name, array in arrays.items():
         write_npy(directory / f"{name}.npy", array)

@@ -87,6 +87,17 @@ def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS
     }
 
 
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor, classes: list[str] | None) -> dict[str, float | None]:
+    """Accuracy per true class, keyed by class name (its index when the data set has no names); None for a class
+    without test images."""
+    hits = (logits.argmax(-1) == labels).double()
+    n = logits.shape[-1]
+    count = torch.bincount(labels, minlength=n)
+    correct = torch.zeros(n, dtype=torch.float64).index_add_(0, labels, hits)
+    names = classes or [str(c) for c in range(n)]
+    return {name: (correct[c] / count[c]).item() if count[c] else None for c, name in enumerate(names)}
+
+
 def expected_calibration_error(bins: dict[str, list]) -> float:
     """ECE of a reliability() result: the sum over bins of (bin share of samples) x |bin accuracy - bin confidence|."""
     n = sum(bins["count"])

@@ -28,6 +28,7 @@ from mcn.data.prepare import make_batches, prepare_data
 from mcn.errors import CheckpointError, MCNError
 from mcn.files import COMPONENT_PATTERNS, FusionRunFiles, load_checkpoint, load_weights
 from mcn.models import MCN, ExpertSpec, ExpertStack, build_expert, build_fusion, build_mcn
+from mcn.training.config import expert_specs
 from mcn.training.loop import Objective, evaluate
 from mcn.training.runtime import Runtime
 
@@ -287,7 +288,7 @@ def evaluate_model(model: nn.Module, checkpoint_dir: str | Path, split: str = "t
     ckpt = load_checkpoint(next(c.path for c in list_components(root) if c.kind == "complete"))
     cfg = OmegaConf.create(ckpt["config"])
     runtime = Runtime.from_config(cfg.trainer)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, expert_specs(cfg))
     images = {"test": data.test, "val": data.part("fusion_val_indices"), "train": data.part("fusion_train_indices")}
     if split not in images:
         raise MCNError(f"--split {split!r}: choose test, val or train")

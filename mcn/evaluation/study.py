@@ -45,7 +45,7 @@ from mcn.evaluation.baselines import BASELINES, CALIBRATION_METRICS, FLAG
 from mcn.evaluation.summary import COLUMN_LEGEND, EXPERT_SETS, baseline_column, value_range
 from mcn.evaluation.tables import latex_table, markdown_table
 from mcn.files import write_csv, write_text
-from mcn.training.config import REPLICATE_IGNORES
+from mcn.training.config import REPLICATE_IGNORES, with_added_keys
 
 CONFIDENCE = 0.95
 # the fusion's own per-run metric columns; each one a study's rows hold gets mean ± std per group
@@ -180,7 +180,9 @@ def _identity(config: dict | None, vary: Sequence[str]) -> dict | None:
     if config is None:
         return None
     skipped = (*REPLICATE_IGNORES, *vary)
-    return {k: v for k, v in _leaves(config) if not any(k == s or k.startswith(s + ".") for s in skipped)}
+    return {
+        k: v for k, v in _leaves(with_added_keys(config)) if not any(k == s or k.startswith(s + ".") for s in skipped)
+    }
 
 
 def _label(fusion_type: str, identity: dict | None, siblings: list[dict | None]) -> str:

@@ -22,9 +22,9 @@ class RunFolder:
     def train_state(self) -> Path:
         return self.root / "train_state.pth"
 
-    @property
-    def tracker_id(self) -> Path:
-        return self.root / "wandb_run_id.txt"
+    def tracker_id(self, tracker: str) -> Path:
+        """Where tracker `tracker` (wandb, mlflow) keeps the id of the run it tracks, so a resumed job continues it."""
+        return self.root / f"{tracker}_run_id.txt"
 
     @property
     def status(self) -> Path:

@@ -40,6 +40,7 @@ class FusionResults:
     probe: dict | None = None  # the probe's fit (mcn.training.probe.ProbeFit) when probe.enabled; epoch 0's weights
     epochs_planned: int | None = None
     split_hash: str | None = None
+    class_test_accuracy: dict | None = None  # {class name: the global head's test accuracy on that class}
     test_calibration: dict | None = None  # nll, ece, brier of the global head (`mcn.evaluation.baselines`)
     baselines: dict | None = None  # {pretrained | joint: {baseline: metrics | None} | None}
     reliability: dict | None = None  # {fusion | logit_average: reliability diagram bins | None}
@@ -93,7 +94,8 @@ def _problem(cls: type, data: object) -> str | None:
             hint = hints[f.name]
             return f"{f.name} is {value!r:.60}, not {str(hint) if typing.get_origin(hint) else hint.__name__}"
         if "accuracy" in f.name:
-            outside = [v for v in (value if isinstance(value, list) else [value]) if v is not None and not 0 <= v <= 1]
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            outside = [v for v in values if v is not None and not 0 <= v <= 1]
             if outside:
                 return f"{f.name} is {outside[0]}, but accuracies are fractions in [0, 1]"
     return None

@@ -2,8 +2,10 @@
 
 Built from scratch by default. Pretrained weights are read from a local file only (nothing is downloaded):
 `expert.pretrained=true` with the model's weights at `expert.pretrained_file`; timm fits them to the data's
-channels and drops their classifier when the class count differs. A PyTorch file (not .safetensors) is read by the safe
-loader with the harmless metadata other code saves allowed (`mcn.files.io`); one that needs more is refused.
+channels and drops their classifier when the class count differs. Pretrained, the images reach it at its own
+resolution and normalisation (`native_input`; the rule for several experts: `mcn.data.prepare.input_transform`).
+A PyTorch file (not .safetensors) is read by the safe loader with the harmless metadata other code saves allowed
+(`mcn.files.io`); one that needs more is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ def _weights_page(name: str) -> str:
     cfg = timm.models.get_pretrained_cfg(name)
     hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     return f"https://huggingface.co/{hub} (model.safetensors)" if hub else f"timm's page for {name}"
+
+
+def native_input(name: str) -> dict:
+    """What timm model `name`'s pretrained weights were trained on (timm.data.resolve_data_config of its pretrained
+    config): `input_size` (C, H, W), `mean` and `std` (per channel, [0, 1] units), `interpolation`."""
+    import timm.models
+    from timm.data import resolve_data_config
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    found = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+    return {k: found[k] for k in ("input_size", "mean", "std", "interpolation")}
 
 
 class TimmExpert(nn.Module):
@@ -90,6 +103,12 @@ class TimmExpert(nn.Module):
 
 @register_expert("timm", family="timm")
 def timm_expert(
-    num_classes: int, in_channels: int, name: str = "", pretrained: bool = False, pretrained_file: str | None = None
+    num_classes: int,
+    in_channels: int,
+    name: str = "",
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    native_input: bool = False,
 ) -> TimmExpert:
+    """`native_input` concerns the data, not the module (`ExpertSpec.native_input`)."""
     return TimmExpert(name, num_classes, in_channels, pretrained, pretrained_file)

@@ -143,9 +143,9 @@ class ExpertRecipe:
         init_seed, self.batch_seed, augment_seed = stream_seeds(cfg.seed, EXPERT_STAGE, self.index, streams=3)
         seed_everything(init_seed, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
-        self.data = prepare_data(cfg)
+        self.data = prepare_data(cfg, expert_specs(cfg))  # every expert's input, as the fusion stage will feed it
         train = self.data.train
-        self.raw_model = self.spec.build(train.num_classes, train.in_channels, tuple(train.images.shape[-2:]))
+        self.raw_model = self.spec.build(train.num_classes, train.in_channels, self.data.image_size)
         self.model = self.runtime.prepare(self.raw_model)
         self.augmentation = training_augmentation(cfg.pretrain.augment, self.data.train.num_classes, augment_seed)
         self._setup_batches()
@@ -217,7 +217,7 @@ class ExpertRecipe:
     def _setup_outputs(self) -> None:
         self.files.root.mkdir(parents=True, exist_ok=True)
         self.report = EpochCsv(self.files.report, ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"])
-        self.tracker = RunTracker(self.cfg, self.files.root, f"expert_{self.index}", self.files.tracker_id)
+        self.tracker = RunTracker(self.cfg, self.files, f"expert_{self.index}")
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:

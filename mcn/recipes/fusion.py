@@ -42,7 +42,7 @@ from omegaconf import DictConfig, ListConfig
 from mcn import distributed
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
 from mcn.errors import CheckpointError, ConfigError
-from mcn.evaluation.baselines import calibration, expert_baselines, reliability
+from mcn.evaluation.baselines import calibration, class_accuracy, expert_baselines, reliability
 from mcn.files import (
     EpochCsv,
     FusionResults,
@@ -120,7 +120,7 @@ class FusionRecipe:
         )
         seed_everything(init_seed, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)
-        self.data = prepare_data(cfg)
+        self.data = prepare_data(cfg, expert_specs(cfg))
         self._setup_model()
         self._setup_learning_rates()
         self.augmentation = training_augmentation(cfg.augment, self.data.train.num_classes, augment_seed)
@@ -214,7 +214,7 @@ class FusionRecipe:
         (default: the experts' widest), an adapter for each expert of another width, the global head."""
         cfg, classes, channels = self.cfg, self.data.train.num_classes, self.data.train.in_channels
         self.expert_specs = expert_specs(cfg)
-        size = tuple(self.data.train.images.shape[-2:])
+        size = self.data.image_size
         experts = [spec.build(classes, channels, size) for spec in self.expert_specs]
         self.expert_sources = [self._load_pretrained(e, i) for i, e in enumerate(experts)]
         unverified = [s["path"] for s in self.expert_sources if s["path"] and "split_hash" not in s]
@@ -366,7 +366,7 @@ class FusionRecipe:
             + [f"expert_{i}_accuracy" for i in range(k)]
             + ["ensemble_accuracy", "oracle_accuracy", "base_lr", "head_lr", "elapsed_s"],
         )
-        self.tracker = RunTracker(self.cfg, self.files.root, f"fusion_{self.fusion_type}", self.files.tracker_id)
+        self.tracker = RunTracker(self.cfg, self.files, f"fusion_{self.fusion_type}")
 
     # ------------------------------------------------------------------ train
     def predict_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -543,6 +543,7 @@ class FusionRecipe:
             epochs_run=epochs_run,
             wall_time_s=round(train_time, 2),
             split_hash=self.data.split.hash,
+            class_test_accuracy=class_accuracy(test_logits[0], test_labels, self.data.train.classes),
             seed=int(self.cfg.seed),
             split_seed=int(self.cfg.split.seed),
             runtime=self.runtime.describe(),

@@ -78,6 +78,10 @@ VALUE_RULES: dict[str, tuple[str, object, bool]] = {  # key: (rule, a passing va
     "probe.patience": (COUNT, 20, False),
     "probe.lr": (RATE, 1e-3, False),
     "probe.batch_size": (COUNT, 256, False),
+    "data.channels": (COUNT, 3, False),
+    "data.test_fraction": (FRACTION, 0.2, False),
+    "data.test_seed": (SEED, 0, False),
+    "data.memory_budget_gb": (NON_NEGATIVE, 4, False),
     "pretrain.epochs": (COUNT, 250, False),
     "pretrain.batch_size": (COUNT, 128, True),
     "pretrain.optim.lr": (RATE, 0.1, True),
@@ -195,9 +199,14 @@ OmegaConf.register_new_resolver("mcn.job_dirname", job_dirname, replace=True)
 
 
 def absolute_paths(cfg: DictConfig) -> DictConfig:
-    """Pin `paths.*` to absolute paths, so a saved config still finds the data and split from anywhere."""
-    for key in ("output_root", "data_dir", "split_dir", "experts_dir"):  # output_root first: the others interpolate it
+    """Pin `paths.*` and the files a data set names (`data.root`, `data.train_csv`, `data.test_csv`) to absolute
+    paths, so a saved config still finds the data and split from anywhere."""
+    # output_root first: the others interpolate it
+    for key in ("output_root", "data_dir", "cache_dir", "split_dir", "experts_dir"):
         cfg.paths[key] = str(Path(cfg.paths[key]).absolute())
+    for key in ("root", "train_csv", "test_csv"):
+        if cfg.data.get(key) is not None:
+            cfg.data[key] = str(Path(cfg.data[key]).expanduser().absolute())
     return cfg
 
 
@@ -205,8 +214,32 @@ def resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def with_added_keys(config: dict, current: dict | None = None) -> dict:
+    """A resolved config saved by an earlier mcn, with the keys added since set to what it meant without them, so
+    that it compares equal to today's config of the same run: `data.source` (its `data.name`: a built-in set),
+    `split.dedup` (false), a pretrained timm expert's `native_input` (false: it was fed the data's own size;
+    irrelevant, hence `current`'s, for one from scratch) and `paths.cache_dir` (`current`'s: it only says where
+    files lie)."""
+    config = {**config}
+    if isinstance(config.get("data"), dict) and "source" not in config["data"]:
+        config["data"] = {**config["data"], "source": config["data"].get("name")}
+    if isinstance(config.get("split"), dict) and "dedup" not in config["split"]:
+        config["split"] = {**config["split"], "dedup": False}
+    expert, now = config.get("expert"), (current or {}).get("expert")
+    if isinstance(expert, dict) and expert.get("preset") == "timm" and "native_input" not in expert:
+        meant = now.get("native_input") if isinstance(now, dict) and not expert.get("pretrained") else False
+        config["expert"] = {**expert, "native_input": meant}
+    paths, now = config.get("paths"), (current or {}).get("paths")
+    if isinstance(paths, dict) and "cache_dir" not in paths and isinstance(now, dict) and "cache_dir" in now:
+        config["paths"] = {**paths, "cache_dir": now["cache_dir"]}
+    return config
+
+
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs between two resolved configs."""
+    """`key: old -> new` for every leaf that differs between two resolved configs (`old` may be an earlier mcn's:
+    `with_added_keys`)."""
+    if not prefix:
+        old = with_added_keys(old, new)
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")

@@ -1,44 +1,100 @@
-"""Experiment tracking: wandb when `logger.name=wandb` (offline unless WANDB_MODE says otherwise), else nothing.
+"""Experiment tracking: `RunTracker` is what the recipes construct and call (`log`, `summary`, `finish`); it hands
+every call to the tracker `logger.name` picks (`TRACKERS`), on rank 0 only. Each tracker works offline, prints one
+line at its start saying where the run lies (with the command that shows it, quoted for a POSIX shell), and a
+resumed job (the same run folder: requeue, Ctrl-C, retry) continues the same tracked run:
 
-Offline, each start of a run writes a folder of its own under `<run>/wandb/` (`offline-run-<time>-<id>`): a resumed
-run has several, all with the run's id. `wandb sync` given all of them uploads them as one run (wandb >= 0.28.1:
-the folders of one id are replayed in order of their start, each one continuing the history the run has), so the
-hint a run prints names them all.
+- `wandb` (offline unless WANDB_MODE says otherwise): each start writes a folder of its own under `<run>/wandb/`
+  (`offline-run-<time>-<id>`), all with the run's id, kept in `<run>/wandb_run_id.txt`. `wandb sync` given all of
+  them uploads them as one run (wandb >= 0.28.1: the folders of one id are replayed in order of their start, each
+  one continuing the history the run has), so the line a start prints names them all.
+- `tensorboard`: event files in `<run>/tensorboard/`, one more per start, read by TensorBoard as one run. A start
+  marks its first step as a restart (`purge_step`), so TensorBoard hides what an earlier start logged at or after
+  it: an epoch logged but never saved (the job killed before its train state was written) is shown once, as rerun.
+- `mlflow`: one MLflow run in `logger.tracking_uri` (by default a SQLite file, `<paths.output_root>/mlflow.db`:
+  no server, and MLflow 3 keeps its file store in maintenance only), its id kept in `<run>/mlflow_run_id.txt`. The
+  resolved config goes in as params at the first start (MLflow's params cannot change); metrics carry the epoch
+  as their step; the run ends FINISHED, FAILED or KILLED (interrupted: a resume sets it RUNNING again). MLflow's
+  history is append-only, so an epoch logged but never saved keeps its first value beside the rerun's.
+- `csv`: `<run>/csv/metrics.csv`, one row per step (`step`, then a column per metric, as Lightning's CSVLogger
+  writes), and `<run>/csv/summary.csv`, one row; each rewritten whole and renamed into place, so no row is ever
+  half-written. A start drops the rows at or after its first step (an epoch logged but never saved) before it
+  writes its own: no step is there twice.
+
+Summary values (the test metrics, the best epoch) have no step: a single point at step 0 in TensorBoard and
+MLflow, `summary.csv` for csv, the run's summary for wandb.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import importlib.util
 import logging
+import os
 import shlex
+import time
 import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from mcn import distributed
-from mcn.files import write_text
+from mcn.errors import ConfigError
+from mcn.files import RunFolder, read_csv, read_status, write_csv, write_text
 from mcn.training.config import resolved
 
 log = logging.getLogger(__name__)
 
 
 class RunTracker:
-    """One tracker run per training job. Its id is kept in `id_file`, so a requeued job continues the
-    same run; only rank 0 tracks."""
+    """One tracked run per training job in run folder `files`, named `name`, with the tracker `cfg.logger.name`
+    (none: nothing is tracked). Only rank 0 tracks. ConfigError naming the value and the known names when
+    `logger.name` is none of them."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, name: str, id_file: Path):
+    def __init__(self, cfg: DictConfig, files: RunFolder, name: str):
+        self.tracker, self.files = None, files
+        kind = cfg.logger.name
+        if kind != "none" and kind not in TRACKERS:
+            raise ConfigError(
+                f"logger.name={kind!r} is not a tracker; known: none, {', '.join(TRACKERS)} (e.g. logger=tensorboard)"
+            )
+        if kind != "none" and distributed.is_main():
+            self.tracker = TRACKERS[kind](cfg, files, name)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log(metrics, step)
+
+    def summary(self, metrics: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.summary(metrics)
+
+    def finish(self, failed: bool = False) -> None:
+        """End the tracked run: done, or (failed) interrupted or failed, as the run's status file says."""
+        if self.tracker is None:
+            return
+        state = "done"
+        if failed:  # a signal or Ctrl-C (the run's status says interrupted), or an error
+            state = "interrupted" if (read_status(self.files.status) or {}).get("state") == "interrupted" else "failed"
+        self.tracker.finish(state)
+        self.tracker = None
+
+
+class WandbTracker:
+    def __init__(self, cfg: DictConfig, files: RunFolder, name: str):
         self.run = None
-        if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled" or not distributed.is_main():
+        if cfg.logger.mode == "disabled":
             return
         import wandb
 
+        id_file = files.tracker_id("wandb")
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         write_text(id_file, run_id)
         self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
             mode=cfg.logger.mode,
-            dir=str(output_dir),
+            dir=str(files.root),
             name=name,
             id=run_id,
             resume="allow",
@@ -47,7 +103,7 @@ class RunTracker:
             settings=wandb.Settings(silent=True),  # its files are kept; its ~28 lines of chatter per run are not
         )
         if cfg.logger.mode == "offline":
-            log.info("wandb: %s", offline_hint((output_dir / self.run.settings.sync_dir).resolve(), run_id))
+            log.info("wandb: %s", offline_hint((files.root / self.run.settings.sync_dir).resolve(), run_id))
         else:
             log.info("wandb: logging to %s", self.run.url)
 
@@ -59,10 +115,9 @@ class RunTracker:
         if self.run is not None:
             self.run.summary.update(metrics)
 
-    def finish(self, failed: bool = False) -> None:
+    def finish(self, state: str) -> None:
         if self.run is not None:
-            self.run.finish(exit_code=1 if failed else 0)
-            self.run = None
+            self.run.finish(exit_code=0 if state == "done" else 1)
 
 
 def _offline_folders(wandb_dir: Path, run_id: str) -> list[Path]:
@@ -82,3 +137,171 @@ def offline_hint(sync_dir: Path, run_id: str) -> str:
         f"offline run in {sync_dir} (run {run_id} has {len(folders)} offline folders, one per start); "
         f"to upload them as one run: {command}"
     )
+
+
+class TensorBoardTracker:
+    def __init__(self, cfg: DictConfig, files: RunFolder, name: str):
+        self.dir, self.writer = (files.root / "tensorboard").resolve(), None
+        view = shlex.join(["tensorboard", "--logdir", str(self.dir)])
+        log.info("tensorboard: run in %s; view it with: %s", self.dir, view)
+
+    def _write(self, metrics: dict, step: int, purge_step: int | None) -> None:
+        """This start's event file is opened at its first write; `purge_step`: where this start takes over."""
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.dir), purge_step=purge_step)
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # every epoch on disk as it ends: a kill loses none, a live TensorBoard shows it
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._write(metrics, step, purge_step=step)
+
+    def summary(self, metrics: dict) -> None:
+        self._write(metrics, 0, purge_step=None)  # no step to take over from: a start that logs none purges none
+
+    def finish(self, state: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def mlflow_hint(run_id: str, uri: str) -> str:
+    """Where the MLflow run lies, and the command (quoted for a POSIX shell) that shows it in MLflow's UI, which
+    mlflow-skinny lacks."""
+    command = shlex.join(["mlflow", "ui", "--backend-store-uri", uri])
+    ui = "" if importlib.util.find_spec("flask") else " (the UI needs the full package: pip install mlflow)"
+    return f"run {run_id} in {uri}; view it with: {command}{ui}"
+
+
+def sqlite_uri(path: Path) -> str:
+    """The SQLAlchemy URI of SQLite file `path`, with only `%` and `?` escaped, the two characters SQLAlchemy reads
+    specially: MLflow also makes the file's folder as the URI spells it, so each escape leaves an empty folder."""
+    return "sqlite:///" + str(path).replace("%", "%25").replace("?", "%3F")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path | None):
+    """Hold an fcntl lock on `path` (None: no lock) for the block."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+class MlflowTracker:
+    def __init__(self, cfg: DictConfig, files: RunFolder, name: str):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline: nothing leaves the machine unasked
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # two lines of chatter on a new store
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        uri, artifacts, lock = cfg.logger.tracking_uri, None, None
+        if uri is None:
+            store = Path(cfg.paths.output_root).resolve()
+            store.mkdir(parents=True, exist_ok=True)
+            # MLflow's default artifact root is ./mlruns of wherever the job starts: beside the store instead
+            uri, artifacts = sqlite_uri(store / "mlflow.db"), (store / "mlartifacts").as_uri()
+            lock = store / ".mlflow.db.lock"
+        with _exclusive(lock):  # a sweep's jobs start at once: one at a time creates the store's schema
+            self.client = MlflowClient(uri)
+            id_file = files.tracker_id("mlflow")
+            self.run_id = id_file.read_text().strip() if id_file.exists() else None
+            if self.run_id is not None and not self._continued():
+                log.warning("mlflow: run %s (%s) is not in %s; starting a new run", self.run_id, id_file, uri)
+                self.run_id = None
+            if self.run_id is None:
+                experiment = self._experiment(cfg.logger.experiment, artifacts)
+                tags = {"mcn.run_folder": str(files.root)}  # where the run's checkpoints and reports lie
+                self.run_id = self.client.create_run(experiment, run_name=name, tags=tags).info.run_id
+                write_text(id_file, self.run_id)
+                params = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in _flat(resolved(cfg)).items()]
+                self.client.log_batch(self.run_id, params=params)  # once: MLflow's params cannot change
+        log.info("mlflow: %s", mlflow_hint(self.run_id, uri))
+
+    def _continued(self) -> bool:
+        """Whether the kept run is in the store (then it is running again); False when the store lacks it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(self.run_id, status="RUNNING")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return False
+        return True
+
+    def _experiment(self, name: str, artifacts: str | None) -> str:
+        """The id of experiment `name`, made when missing."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifacts)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id  # another job made it meanwhile
+
+    def log(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def summary(self, metrics: dict) -> None:
+        self.log(metrics, 0)
+
+    def finish(self, state: str) -> None:
+        self.client.set_terminated(self.run_id, {"done": "FINISHED", "interrupted": "KILLED"}.get(state, "FAILED"))
+
+
+class CsvTracker:
+    def __init__(self, cfg: DictConfig, files: RunFolder, name: str):
+        self.path, self.summary_path = files.root / "csv" / "metrics.csv", files.root / "csv" / "summary.csv"
+        self.rows: list[dict] = read_csv(self.path, columns=("step",)) if self.path.exists() else []
+        self.started = False
+        log.info("csv: metrics in %s, one row per step; the summary in %s", self.path, self.summary_path)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.started:  # rows at or after this start's first step: epochs an earlier start never saved
+            self.rows = [r for r in self.rows if int(r["step"]) < step]
+            self.started = True
+        row = next((r for r in self.rows if int(r["step"]) == step), None)
+        if row is None:
+            self.rows.append({"step": step, **metrics})
+        else:
+            row.update(metrics)
+        write_csv(self.path, _columns(self.rows), self.rows)
+
+    def summary(self, metrics: dict) -> None:
+        write_csv(self.summary_path, list(metrics), [metrics])
+
+    def finish(self, state: str) -> None:
+        pass  # every row is on disk as it is logged
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """`step`, then every metric in the order it first appears."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+TRACKERS = {"wandb": WandbTracker, "tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "csv": CsvTracker}

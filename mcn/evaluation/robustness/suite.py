@@ -245,17 +245,18 @@ def measure_run(run: FusionRunFiles, device: str | None = None, batch_size: int 
     # the run's device, precision and threads, but no compile: one pass per test does not pay for compiling
     trainer = OmegaConf.merge(cfg.trainer, {"compile": False}, {"device": device} if device else {})
     runtime = Runtime.from_config(trainer)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, expert_specs(cfg))
+    test = data.input_images(data.test)  # at the experts' input size, as training fed them
     pretrained, skipped = _pretrained_experts(results, model)
     notes = [skipped] if skipped else []
     panel = Panel(model, pretrained, [spec.label for spec in expert_specs(cfg)], run.fusion_type).eval()
-    ood, skipped_sets = ood_sets(cfg.data.name, data.test, cfg.paths.data_dir, runtime.device)
+    ood, skipped_sets = ood_sets(cfg.data.name, test, cfg.paths.data_dir, runtime.device)
     notes += skipped_sets
     models = panel.models()
     rows = run_suite(
         runtime.prepare(panel),
         models,
-        data.test,
+        test,
         data.mean,
         data.std,
         ood,
@@ -267,7 +268,7 @@ def measure_run(run: FusionRunFiles, device: str | None = None, batch_size: int 
     seconds = time.perf_counter() - start
     where = f"cpu, torch threads: {torch.get_num_threads()}" if runtime.device.type == "cpu" else str(runtime.device)
     context = (
-        f"{cfg.data.name} test set ({len(data.test)} images), best epoch {results.best_epoch}, {where}: "
+        f"{cfg.data.name} test set ({len(test)} images), best epoch {results.best_epoch}, {where}: "
         f"suite wall time {seconds:.1f} s"
     )
     write_csv(run.robustness_csv, COLUMNS, rows)
