@@ -95,8 +95,8 @@ class NotRead:
 def test_a_trial_never_reads_the_test_set_and_its_judge_prunes_it(tmp_path, monkeypatch):
     real = fusion_recipe.prepare_data
 
-    def without_test(cfg):
-        data = real(cfg)
+    def without_test(cfg, *experts):
+        data = real(cfg, *experts)
         data.test = NotRead()
         return data
 

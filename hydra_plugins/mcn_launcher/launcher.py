@@ -203,16 +203,30 @@ class _SweepLauncher(BaseSubmititLauncher):
         """Until every job has ended: one line as each ends, with its run's outcome (run_status.json); the jobs'
         own lines, each epoch's included, are in the log files of their folders."""
         waiting = list(zip(jobs, submitted))
+        seen: dict[int, float] = {}  # job number -> when it was first seen in a state Slurm may requeue it from
         while waiting:
             running = []
             for job, submission in waiting:
-                if submission.done():
-                    print(f"mcn: job #{job.num} {_outcome(sweep_dir / job.folder)}", flush=True)
-                else:
+                if not submission.done():
+                    seen.pop(job.num, None)
                     running.append((job, submission))
+                elif _may_come_back(submission, seen.setdefault(job.num, time.time())):
+                    running.append((job, submission))
+                else:
+                    print(f"mcn: job #{job.num} {_outcome(sweep_dir / job.folder)}", flush=True)
             waiting = running
             if waiting:
                 time.sleep(every_s)
+
+
+REQUEUED_FROM = ("NODE_FAIL", "PREEMPTED")  # a requeued job passes through these before it is PENDING again
+
+
+def _may_come_back(submission, since: float, grace_s: float = 60.0) -> bool:
+    """Whether an ended-looking job may still be requeued: Slurm shows NODE_FAIL or PREEMPTED for a moment
+    before it requeues the job; after `grace_s` in such a state it is taken as final."""
+    state = str(getattr(submission, "state", "")).split()[0] if getattr(submission, "state", "") else ""
+    return state in REQUEUED_FROM and time.time() - since < grace_s
 
 
 def _outcome(folder: Path) -> str:

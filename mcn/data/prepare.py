@@ -43,11 +43,14 @@ class InputTransform:
 
 
 def input_transform(experts: list, in_channels: int) -> InputTransform | None:
-    """The one input every expert is fed, when some start from pretrained weights (`ExpertSpec.native_input`).
+    """The one input every expert (an ExpertSpec) is fed, when some start from pretrained weights
+    (`mcn.models.timm_expert.native_input`).
     The rule for experts pretrained at different resolutions or normalisations: the largest native resolution,
     with the normalisation and interpolation of the (first) expert pretrained at it; experts from scratch follow.
     Grey images take the mean of the three channels' statistics. None: no expert is pretrained."""
-    natives = [(spec.label, spec.native_input()) for spec in experts]
+    from mcn.models.timm_expert import native_input
+
+    natives = [(spec.label, native_input(spec)) for spec in experts]
     natives = [(label, n) for label, n in natives if n is not None]
     if not natives:
         return None

@@ -144,16 +144,6 @@ class ExpertSpec:
     def family(self) -> str:
         return expert_family(self.preset)
 
-    def native_input(self) -> dict | None:
-        """The input its pretrained weights expect (`mcn.models.timm_expert.native_input`): a pretrained timm
-        backbone's with its option `native_input` on; None otherwise (an expert from scratch, or one fed the data as
-        it is, as runs before this option were)."""
-        if self.family != "timm" or not self.options.get("pretrained") or not self.options.get("native_input"):
-            return None
-        from mcn.models.timm_expert import native_input
-
-        return native_input(str(self.options.get("name", "")))
-
     def build(self, num_classes: int, in_channels: int, image_size: tuple[int, int] | None = None) -> nn.Module:
         """The expert; with `image_size`, checked by one forward pass that it takes the data's images (a timm
         backbone may not), so a misfit ends in one line at setup, not in a traceback at the first step."""

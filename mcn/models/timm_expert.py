@@ -18,7 +18,7 @@ from torch import nn
 
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files.io import allowing_harmless_globals, refusal, unsafe_object
-from mcn.models.registry import register_expert
+from mcn.models.registry import ExpertSpec, register_expert
 
 
 def _weights_page(name: str) -> str:
@@ -29,13 +29,18 @@ def _weights_page(name: str) -> str:
     return f"https://huggingface.co/{hub} (model.safetensors)" if hub else f"timm's page for {name}"
 
 
-def native_input(name: str) -> dict:
-    """What timm model `name`'s pretrained weights were trained on (timm.data.resolve_data_config of its pretrained
-    config): `input_size` (C, H, W), `mean` and `std` (per channel, [0, 1] units), `interpolation`."""
+def native_input(spec: ExpertSpec) -> dict | None:
+    """What an expert's pretrained weights were trained on, when it should be fed that: a pretrained timm backbone
+    with its option `native_input` on (timm.data.resolve_data_config of its pretrained config): `input_size`
+    (C, H, W), `mean` and `std` (per channel, [0, 1] units), `interpolation`. None otherwise (an expert from
+    scratch, or one fed the data as it is, as runs before this option were)."""
+    options = spec.options
+    if spec.family != "timm" or not options.get("pretrained") or not options.get("native_input"):
+        return None
     import timm.models
     from timm.data import resolve_data_config
 
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = timm.models.get_pretrained_cfg(str(options.get("name", "")))
     found = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
     return {k: found[k] for k in ("input_size", "mean", "std", "interpolation")}
 
@@ -110,5 +115,5 @@ def timm_expert(
     pretrained_file: str | None = None,
     native_input: bool = False,
 ) -> TimmExpert:
-    """`native_input` concerns the data, not the module (`ExpertSpec.native_input`)."""
+    """`native_input` concerns the data, not the module (`native_input`)."""
     return TimmExpert(name, num_classes, in_channels, pretrained, pretrained_file)
