@@ -357,7 +357,9 @@ def test_time_limit_requeues_and_resumes(tmp_path):
     assert "caught SIGUSR2" in text and "resumed from" in text
     epochs = val_epochs(log.parent)
     assert len(epochs) >= 2 and epochs == [str(e) for e in range(1, len(epochs) + 1)]  # each epoch once
-    assert slurm_records(resumed[1], until="CANCELLED") == ["REQUEUED", "CANCELLED"]
+    records = slurm_records(resumed[1], until="CANCELLED")
+    # requeued at each time limit (a slow, shared machine may meet a second one before the cancel), then cancelled
+    assert records[-1] == "CANCELLED" and records[:-1] and set(records[:-1]) == {"REQUEUED"}, records
 
 
 def test_impossible_request_surfaces_sbatch_message(tmp_path):
