@@ -89,3 +89,8 @@ def any_process(flag: bool, device: torch.device) -> bool:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def local_cores() -> int:
+    """The cores this process may run on (its affinity mask: what a container, taskset or Slurm gives it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -13,7 +13,6 @@ one line naming it, or with `on_bad_file="skip"` is left out and counted (`BadFi
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mcn import distributed
 from mcn.errors import DataError
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -230,7 +230,7 @@ def decode_into(
         except OSError as e:
             return i, f"cannot decode it: {e}"
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = distributed.local_cores()
     pool = ThreadPoolExecutor(max_workers=min(8, cores))
     try:
         for i, why in pool.map(one, range(len(files))):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -207,7 +206,7 @@ def loader_workers(value) -> int:
     """DataLoader processes for a streamed set: `data.loader_workers`, or auto: the cores less the training
     process, at most 4, at least 1."""
     if value in (None, "auto"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = distributed.local_cores()
         return max(1, min(4, cores - 1))
     if not isinstance(value, int) or value < 0:
         raise ConfigError(f"data.loader_workers={value!r} must be auto or a count >= 0 (0: read in the main process)")

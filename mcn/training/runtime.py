@@ -48,8 +48,7 @@ def cpu_bf16() -> tuple[bool, str]:
 
 
 def _cores() -> int:
-    """The cores this process may run on (its affinity mask: what a container or taskset gives it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return distributed.local_cores()  # a name of its own: tests give the thread rule another machine
 
 
 def local_processes() -> tuple[int, str]:
