@@ -61,6 +61,11 @@ class FusionRunFiles(RunFolder):
         return self.root / f"fusion_training_results_{self.fusion_type}.json"
 
     @property
+    def wise_ft(self) -> Path:
+        """WiSE-FT's validation metrics per mixing weight, written as each is measured (a resumed run goes on)."""
+        return self.root / f"wise_ft_{self.fusion_type}.json"
+
+    @property
     def validation_results(self) -> Path:
         """What a search's trial (mcn.search) leaves instead of `results`: validation only, the test set unread."""
         return self.root / f"fusion_validation_results_{self.fusion_type}.json"

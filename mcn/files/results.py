@@ -38,6 +38,7 @@ class FusionResults:
     test_loss: float | None = None  # the dual-path objective's
     learning_rates: dict | None = None  # base_lr, head_lr as used, and the input-width rule
     probe: dict | None = None  # the probe's fit (mcn.training.probe.ProbeFit) when probe.enabled; epoch 0's weights
+    wise_ft: dict | None = None  # finetune.wise_ft: the grid, the chosen weight, its epoch label, whether selected
     epochs_planned: int | None = None
     split_hash: str | None = None
     class_test_accuracy: dict | None = None  # {class name: the global head's test accuracy on that class}

@@ -73,6 +73,12 @@ class DenseNet(PooledConvExpert):
     def body(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    def body_last_stage(self) -> nn.Module:
+        """The last dense block: the layers after the last transition."""
+        layers = list(self.features)
+        last = max((i for i, m in enumerate(layers) if isinstance(m, _Transition)), default=0)
+        return nn.Sequential(*layers[last + 1 :])
+
 
 @register_expert("densenet121", family="densenet")
 def densenet121(num_classes: int, in_channels: int) -> DenseNet:

@@ -65,9 +65,10 @@ class MCN(nn.Module):
     (the "individual head") to the dual-path loss. The fusion takes `width`-wide features (default: the
     experts' common width): an expert of another width reaches it through its own adapter, a
     Linear(d_k, width) trained with the fusion (identity where d_k == width).
-    Training options: `ensemble_start` (see GlobalHead), `expert_dropout` (see drop_experts), and
+    Training options: `ensemble_start` (see GlobalHead), `expert_dropout` (see drop_experts),
     `experts_frozen`, set per epoch by the recipe, which keeps the experts in eval mode (their learning
-    rate is 0 then: see mcn.training.optim.cosine_schedule).
+    rate is 0 then: see mcn.training.optim.cosine_schedule), and `expert_norms_frozen`, which keeps the experts'
+    BatchNorm layers in eval mode (running statistics fixed, affine weights still learning) while the rest trains.
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class MCN(nn.Module):
         self.global_head = GlobalHead(width, num_classes, ensemble_start)
         self.expert_dropout = expert_dropout
         self.experts_frozen = False
+        self.expert_norms_frozen = False
 
     @property
     def num_experts(self) -> int:
@@ -139,7 +141,15 @@ class MCN(nn.Module):
         super().train(mode)
         if mode and self.experts_frozen:  # frozen experts: fixed BatchNorm statistics, no dropout
             self.experts.eval()
+        elif mode and self.expert_norms_frozen:  # statistics of the pretraining data kept; weights learn
+            for module in self.experts.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
+
+    def expert_last_stages(self) -> list[nn.Parameter]:
+        """Every expert's last stage, final norm and own head (`last_stage()`): what surgical fine-tuning trains."""
+        return [p for expert in self.experts for module in expert.last_stage() for p in module.parameters()]
 
     @property
     def architecture(self) -> dict:

@@ -8,6 +8,8 @@ Every expert has the uniform interface the MCN relies on:
 - `forward_head(features)`: the expert's own logits [B, C];
 - `get_classifier()`: the module `forward_head` applies (timm's name), e.g. to start it anew;
 - `num_features`: d;
+- `last_stage()`: the modules of the last stage and everything after it (final norm, own classifier): what
+  surgical fine-tuning trains (`finetune.expert_layers=last_stage`);
 - `architecture`: what rebuilds it (`build_expert`): the preset, its options, and the numbers that fix its shape.
 
 A config names an expert with an `ExpertSpec`: a preset name, `timm/<model name>`, or a mapping
@@ -48,6 +50,13 @@ class PooledConvExpert(nn.Module):
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def body_last_stage(self) -> nn.Module:
+        """The last stage of `body` (a family with `stages` has it there; others say where theirs is)."""
+        return self.stages[-1]
+
+    def last_stage(self) -> list[nn.Module]:
+        return [self.body_last_stage(), self.bn, self.classifier]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(F.relu(self.bn(self.body(x))), 1).flatten(1)

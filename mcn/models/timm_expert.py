@@ -102,6 +102,15 @@ class TimmExpert(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.model.get_classifier()
 
+    def last_stage(self) -> list[nn.Module]:
+        """timm's last feature stage (`feature_info[-1]`) and every top-level module after it (final norm, pooling,
+        classifier)."""
+        name = self.model.feature_info[-1]["module"]
+        top = name.split(".")[0]
+        children = [n for n, _ in self.model.named_children()]
+        after = children[children.index(top) + 1 :]
+        return [self.model.get_submodule(name), *(self.model.get_submodule(n) for n in after)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

@@ -20,8 +20,14 @@ Feature flags (all in the config):
 - `probe.enabled`: probe, then fine-tune (LP-FT, mcn.training.probe): epoch 0 fits the fusion side on the frozen
   experts' cached features, with its weight decay chosen on validation; epochs 1.. fine-tune everything from
   there, and epoch 0 competes for the best epoch like any other (`trainer.epochs=0`: the probe alone);
+- `finetune.*`: how the joint epochs fine-tune after the probe (mcn.training.finetune): the experts' BatchNorm
+  statistics frozen, surgical fine-tuning of their last stage, the experts' loss terms fading out, WiSE-FT
+  (`wise_ft`: after the last epoch, the model interpolated between epoch 0 and the last epoch, the mixing weight
+  chosen on validation; the chosen mixture is saved as epoch `last + 1`, components and complete model, its record
+  naming the weight, and competes for the best epoch like any other);
 - `trainer.early_stopping_patience`: stop after that many epochs without a better validation
-  accuracy (null: off);
+  accuracy (null: off), counted from the best epoch or, with `trainer.early_stopping_since=best_fine_tuned`, from the
+  best fine-tuning epoch (a dip below the probe does not end the stage);
 - `trainer.precision` / `channels_last` / `compile` / `data_on_device`: speed, `auto` = fast on GPU.
 
 Model selection uses the validation part of the fusion holdout only; the test set is evaluated
@@ -32,6 +38,7 @@ once, at the end, with the weights of the best epoch read back from `best_comple
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -68,6 +75,7 @@ from mcn.training.config import (
     expert_specs,
     resolved,
 )
+from mcn.training.finetune import alpha_at, check_finetune, freeze_early_expert_layers, interpolate_weights
 from mcn.training.loop import UNDEFINED, Distillation, EpochLoop, Objective, evaluate, head_metrics, predict
 from mcn.training.optim import input_width_lrs, optimizer_from_config, schedule_from_config
 from mcn.training.probe import expert_outputs, fit_probe
@@ -108,6 +116,7 @@ class FusionRecipe:
         self.files = FusionRunFiles(Path(output_dir), self.fusion_type)
         self.identity = {"stage": "fusion", "fusion_type": self.fusion_type}
         self.probe_fit = None  # this run's probe (mcn.training.probe.ProbeFit), once epoch 0 fitted it
+        self.wise_ft = None  # WiSE-FT's record (grid, chosen weight, its epoch label) once measured
         # what a finished run leaves: read back when it is run again
         self.results_file = self.files.results if self.reads_test else self.files.validation_results
 
@@ -166,6 +175,7 @@ class FusionRecipe:
                     "probe.enabled=true fits the fusion on the pretrained experts, but experts.dir is null (experts "
                     "from scratch); set experts.dir or probe.enabled=false"
                 )
+        check_finetune(cfg, self.probe_on)
         if not (self.probe_on and cfg.trainer.epochs == 0):  # the probe alone: trainer.epochs=0
             check_value(cfg, "trainer.epochs", COUNT, 10)
         if cfg.trainer.freeze_experts_epochs and not 0 < cfg.trainer.freeze_experts_epochs < cfg.trainer.epochs:
@@ -237,6 +247,15 @@ class FusionRecipe:
             ensemble_start=cfg.model.ensemble_start,
             expert_dropout=float(cfg.model.expert_dropout),
         )
+        self.raw_model.expert_norms_frozen = cfg.finetune.expert_norm == "frozen"
+        if cfg.finetune.expert_layers == "last_stage":  # before the optimiser and the teacher's copy are made
+            kept, frozen = freeze_early_expert_layers(self.raw_model)
+            log.info(
+                "finetune.expert_layers=last_stage: %d expert parameters learn (last stages, final norms, own heads), "
+                "%d stay as pretrained",
+                kept,
+                frozen,
+            )
         # the pretrained experts as they came in, frozen: the teacher of ensemble distillation
         self.teacher = ExpertStack(copy.deepcopy(experts)).requires_grad_(False) if cfg.loss.distill_weight else None
         self.model = self.runtime.prepare(self.raw_model)
@@ -385,6 +404,8 @@ class FusionRecipe:
             log.info("model.new_expert_heads=true: every expert's own head starts anew over all classes")
         loop = EpochLoop.from_config(self, self.cfg.trainer.epochs, self.cfg.trainer, judge=self.judge)
         best, epochs_run, seconds = loop.run()
+        if self.cfg.finetune.wise_ft and not loop.pruned:
+            best = self.interpolate_epochs(best, epochs_run, seconds)
         if not self.reads_test:
             return self.finish_trial(best, epochs_run, seconds, pruned=loop.pruned)
         return self.finish(best, epochs_run, seconds)
@@ -430,7 +451,53 @@ class FusionRecipe:
         return val
 
     def start_epoch(self, epoch: int) -> None:
-        self.raw_model.experts_frozen = epoch <= self.cfg.trainer.freeze_experts_epochs
+        cfg = self.cfg
+        self.raw_model.experts_frozen = epoch <= cfg.trainer.freeze_experts_epochs
+        alpha = alpha_at(float(cfg.loss.alpha), cfg.finetune.alpha_schedule, epoch, int(cfg.trainer.epochs))
+        self.objective.weights[1:] = alpha
+
+    def interpolate_epochs(self, best: dict, last: int, seconds: float) -> dict:
+        """WiSE-FT (mcn.training.finetune): the model at `(1 - w) * epoch 0 + w * epoch last` for every w of
+        `finetune.wise_ft_weights`, each measured on validation; the best mixture is reported and saved as epoch
+        `last + 1` (components and complete model, naming the weight) and becomes the best epoch when it beats it.
+        Each measured weight is recorded as it is measured, so a resumed run measures only the rest."""
+        label, monitor = last + 1, self.monitor
+        start = load_checkpoint(self.files.complete(0), component="complete")["state_dict"]
+        end = clean_state_dict(self.raw_model.state_dict())  # the last epoch's: the loop has just ended there
+        record = self._wise_ft_record(last)
+        for weight in (float(w) for w in self.cfg.finetune.wise_ft_weights):
+            if f"{weight:g}" in record["measured"]:
+                continue
+            self.raw_model.load_state_dict(interpolate_weights(start, end, weight))
+            record["measured"][f"{weight:g}"] = evaluate(self.model, self.val_batches, self.objective, self.runtime)
+            write_json(self.files.wise_ft, record)
+        grid = {float(w): record["measured"][f"{float(w):g}"] for w in self.cfg.finetune.wise_ft_weights}
+        chosen = max(grid, key=lambda w: (grid[w][monitor], -grid[w]["loss"]))
+        val = grid[chosen]
+        self.raw_model.load_state_dict(interpolate_weights(start, end, chosen))
+        self.wise_ft = {
+            "weight": chosen,
+            "between_epochs": [0, last],
+            "epoch": label,
+            "val_accuracy": {f"{w:g}": m[monitor] for w, m in grid.items()},
+        }
+        self.report.add({"phase": "val", "epoch": label, **val, "elapsed_s": round(seconds, 2)})
+        self.tracker.log({f"val/{k}": v for k, v in val.items()} | {"wise_ft_weight": chosen}, label)
+        selected = val[monitor] > best["val_accuracy"]
+        if selected:
+            best = {"epoch": label, "val_accuracy": val[monitor]}
+            self.save_best(label, val)
+        self.save_checkpoint(label, val)
+        self.wise_ft["selected"] = selected
+        log.info(
+            "WiSE-FT between epochs 0 and %d: weight %g best on validation (%s); saved as epoch %d, %s",
+            last,
+            chosen,
+            ", ".join(f"{w:g}: {m[monitor]:.4f}" for w, m in grid.items()),
+            label,
+            "the best epoch" if selected else f"epoch {best['epoch']} stays the best ({best['val_accuracy']:.4f})",
+        )
+        return best
 
     # ------------------------------------------------------------------ save
     def _save_complete(self, path: Path, epoch: int, metrics: dict) -> None:
@@ -446,7 +513,25 @@ class FusionRecipe:
             config=self.config,
             lrs=self.lrs,
             **probe,
+            **self._wise_ft_field(epoch),
         )
+
+    def _wise_ft_record(self, last: int) -> dict:
+        """The WiSE-FT weights already measured between epochs 0 and `last` (a resumed run's); none when the file is
+        missing, unreadable, or of other epochs."""
+        try:
+            record = json.loads(self.files.wise_ft.read_text())
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict) or record.get("between_epochs") != [0, last]:
+            return {"between_epochs": [0, last], "measured": {}}
+        return record
+
+    def _wise_ft_field(self, epoch: int) -> dict:
+        """What a checkpoint of WiSE-FT's mixture says of itself: the weight and the epochs it mixes."""
+        if self.wise_ft is None or epoch != self.wise_ft["epoch"]:
+            return {}
+        return {"wise_ft": {"weight": self.wise_ft["weight"], "between_epochs": self.wise_ft["between_epochs"]}}
 
     def save_best(self, epoch: int, val: dict) -> None:
         self._save_complete(self.files.complete(), epoch, val)
@@ -454,7 +539,7 @@ class FusionRecipe:
     def save_checkpoint(self, epoch: int, val: dict) -> None:
         """Every component on its own, plus the complete model, all from this one epoch."""
         m, files = self.raw_model, self.files
-        common = {"fusion_type": self.fusion_type, "metrics": val, "config": self.config}
+        common = {"fusion_type": self.fusion_type, "metrics": val, "config": self.config, **self._wise_ft_field(epoch)}
         for i, (expert, spec) in enumerate(zip(m.experts, self.expert_specs)):
             save_component(files.expert(i, epoch), "expert", expert, epoch, index=i, family=spec.family, **common)
         # the adapters train with the fusion module and travel with it: its file holds their weights
@@ -481,6 +566,7 @@ class FusionRecipe:
             "fusion_type": self.fusion_type,
             "best_epoch": best["epoch"],
             "best_val_accuracy": best["val_accuracy"],
+            "wise_ft": self.wise_ft,
             "pruned": pruned,
             "epochs_run": epochs_run,
             "epochs_planned": int(self.cfg.trainer.epochs),
@@ -539,6 +625,7 @@ class FusionRecipe:
             parameters=m.parameter_counts(),
             learning_rates=self.lrs,
             probe=self._probe_record(),
+            wise_ft=self.wise_ft,
             epochs_planned=int(self.cfg.trainer.epochs),
             epochs_run=epochs_run,
             wall_time_s=round(train_time, 2),

@@ -218,9 +218,17 @@ def with_added_keys(config: dict, current: dict | None = None) -> dict:
     """A resolved config saved by an earlier mcn, with the keys added since set to what it meant without them, so
     that it compares equal to today's config of the same run: `data.source` (its `data.name`: a built-in set),
     `split.dedup` (false), a pretrained timm expert's `native_input` (false: it was fed the data's own size;
-    irrelevant, hence `current`'s, for one from scratch) and `paths.cache_dir` (`current`'s: it only says where
-    files lie)."""
+    irrelevant, hence `current`'s, for one from scratch), `paths.cache_dir` (`current`'s: it only says where
+    files lie), the `finetune` block (the joint epochs as they were: BatchNorm training, every expert layer, a
+    constant alpha, no WiSE-FT) and `trainer.early_stopping_since` (best)."""
     config = {**config}
+    if isinstance(config.get("trainer"), dict) and "early_stopping_since" not in config["trainer"]:
+        config["trainer"] = {**config["trainer"], "early_stopping_since": "best"}
+    if "finetune" not in config and isinstance((current or {}).get("finetune"), dict):
+        config["finetune"] = {
+            **current["finetune"],  # wise_ft_weights: irrelevant with WiSE-FT off
+            **{"expert_norm": "train", "expert_layers": "all", "alpha_schedule": "constant", "wise_ft": False},
+        }
     if isinstance(config.get("data"), dict) and "source" not in config["data"]:
         config["data"] = {**config["data"], "source": config["data"].get("name")}
     if isinstance(config.get("split"), dict) and "dedup" not in config["split"]:

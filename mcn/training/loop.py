@@ -289,7 +289,11 @@ class LoopRecipe(Protocol):
 
 class EpochLoop:
     """Train, validate, report, keep the best (on validation only), save every `save_every` epochs and at
-    the end, stop early after `patience` epochs without a better validation metric.
+    the end, stop early after `patience` epochs without a better validation metric: counted from the best epoch
+    (`patience_since="best"`), or from the best epoch after epoch 0 (`"best_fine_tuned"`: a recipe whose first
+    epochs dip below its epoch 0, the probe, can climb back before patience runs out; epoch 0 still competes for the
+    best). A loop that has ended (early stopping, the last epoch, a judge) marks its train state finished, so a
+    process that dies after it (e.g. during the final test) resumes past the loop without training on.
 
     Resume: after every epoch the whole training state (model, optimiser, scheduler, epoch, best so
     far, every RNG stream) goes atomically to `state_path`; a job that finds that file continues after
@@ -314,14 +318,16 @@ class EpochLoop:
         epochs: int,
         save_every: int,
         patience: int | None = None,
+        patience_since: str = "best",
         resume: str = "auto",
         progress_bar="auto",
         judge: Callable[[int, dict], bool] | None = None,
     ):
         self.recipe, self.state_path, self.status = recipe, recipe.files.train_state, RunStatus(recipe.files.status)
-        self.epochs, self.save_every, self.patience = epochs, save_every, patience
+        self.epochs, self.save_every, self.patience, self.patience_since = epochs, save_every, patience, patience_since
         self.resume, self.progress_bar, self.judge = resume, progress_bar, judge
         self.pruned = False  # the judge stopped the run
+        self.best_fine_tuned = {"epoch": 0, "val_accuracy": -1.0}  # the best epoch after epoch 0 (patience_since)
         self.signal = None
         self.last_saved = 0
         self.saved = False  # whether this run's train state is on disk (epoch 0 counts)
@@ -335,6 +341,7 @@ class EpochLoop:
             epochs=int(epochs),
             save_every=int(trainer.save_every),
             patience=trainer.early_stopping_patience,
+            patience_since=trainer.get("early_stopping_since", "best"),
             resume=trainer.resume,
             progress_bar=trainer.progress_bar,
         )
@@ -342,12 +349,14 @@ class EpochLoop:
     def learning_rates(self) -> dict[str, float]:
         return {g["role"]: g["lr"] for g in self.recipe.optimizer.param_groups}
 
-    def save_state(self, epoch: int, best: dict, elapsed: float) -> None:
+    def save_state(self, epoch: int, best: dict, elapsed: float, *, finished: bool = False) -> None:
         r = self.recipe
         save_train_state(
             self.state_path,
             epoch=epoch,
             best=best,
+            best_fine_tuned=self.best_fine_tuned,
+            finished=finished,
             elapsed_s=elapsed,
             model=clean_state_dict(r.raw_model.state_dict()),
             optimizer=r.optimizer.state_dict(),
@@ -435,10 +444,15 @@ class EpochLoop:
         state = self.load_state()
         if state:
             first, best, before = state["epoch"] + 1, state["best"], state["elapsed_s"]
+            self.best_fine_tuned = state.get("best_fine_tuned", best)  # states written before it: the best
         else:
             first, best, before = 1, {"epoch": 0, "val_accuracy": -1.0}, 0.0
         self.last_saved, self.saved = first - 1, state is not None
         r.report.keep_until(self.last_saved if state else -1)  # rows after the saved state belong to no run any more
+        if state and state.get("finished") and not resume_changes(state["config"], r.config):
+            # the loop had ended (the process died after it); trainer.resume=force with new values trains on
+            log.info("the epoch loop had ended after epoch %d; going on after it", state["epoch"])
+            return best, state["epoch"], before
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
@@ -476,6 +490,8 @@ class EpochLoop:
                 if val[r.monitor] > best["val_accuracy"]:
                     best = {"epoch": epoch, "val_accuracy": val[r.monitor]}
                     r.save_best(epoch, val)
+                if val[r.monitor] > self.best_fine_tuned["val_accuracy"]:
+                    self.best_fine_tuned = {"epoch": epoch, "val_accuracy": val[r.monitor]}
                 log.info(
                     "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f%s | best %.4f @%d | %.1fs",
                     epoch,
@@ -489,19 +505,26 @@ class EpochLoop:
                     best["epoch"],
                     elapsed,
                 )
-                stop = self.patience is not None and epoch - best["epoch"] >= self.patience
+                since = best if self.patience_since == "best" else self.best_fine_tuned
+                stop = self.patience is not None and epoch - since["epoch"] >= self.patience
                 if epoch % self.save_every == 0 or epoch == epochs or stop:
                     r.save_checkpoint(epoch, val)
-                self.save_state(epoch, best, elapsed)
+                # the judge hears every epoch once its state is saved; the last one ends the run anyway (never pruned)
+                self.save_state(epoch, best, elapsed, finished=stop or epoch == epochs)
                 self.last_saved = epoch
                 self.status.progress(epoch, epochs, best)
-                # the judge hears every epoch; the last one ends the run anyway, so it is never pruned
                 if self.judge is not None and self.judge(epoch, val) and epoch < epochs:
                     self.pruned = True
+                    self.save_state(epoch, best, elapsed, finished=True)
                     log.info("pruned after epoch %d: its validation metric lags the search's other trials", epoch)
                     break
                 if stop:
-                    log.info("early stopping: no better validation accuracy for %d epochs", self.patience)
+                    log.info(
+                        "early stopping: no better validation accuracy for %d epochs (since epoch %d%s)",
+                        self.patience,
+                        since["epoch"],
+                        "" if self.patience_since == "best" else ", the best fine-tuning epoch",
+                    )
                     break
         except StorageError as e:
             if self.saved:
