@@ -3,6 +3,7 @@ One tiny fusion run, trained once for the module, serves every test."""
 
 import csv
 import json
+import re
 import shutil
 
 import pytest
@@ -12,8 +13,10 @@ from PIL import Image
 
 import mcn
 from mcn.data.prepare import make_batches, prepare_data
+from mcn.errors import MCNError
 from mcn.files import FusionResults, FusionRunFiles
 from mcn.inference.card import card_paths
+from mcn.inference.export import export
 from mcn.predict import main as predict_main
 from mcn.train import run
 from mcn.training.loop import predict
@@ -184,3 +187,52 @@ def test_the_model_cards_numbers_equal_the_results_json(trained):
     cfg = OmegaConf.create(results.config)
     data = prepare_data(cfg)
     assert card["input"]["channels"] == 1 and card["input"]["size"] == [8, 8] and card["input"]["mean"] == data.mean
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_passes_its_parity_check_and_predicts_like_the_run(trained, capsys, fmt):
+    from mcn.export import main as export_main
+
+    tmp, _, _ = trained
+    out = tmp / "exported" / f"model.{fmt}"
+    assert export_main([str(tmp / "run"), "--format", fmt, "--output", str(out), "--with_experts"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"max \|logit difference\| [0-9.e+-]+ \(tolerance 0.001\), top-1 agreement 1.0000", printed)
+    contract = json.loads((tmp / "exported" / f"model.{fmt}.json").read_text())
+    assert contract["parity"]["max_abs_diff"] <= 1e-3 and contract["tensor"]["shape"] == ["batch", 1, 8, 8]
+    assert (tmp / "exported" / f"MODEL_CARD_{FUSION}.md").is_file()
+    # mcn.predict takes the exported file, with the same CSV as the run's (any batch size: dynamic)
+    images = sorted((tmp / "png").rglob("*.png"))[:70]
+    from_run, from_file = tmp / f"run_{fmt}.csv", tmp / f"file_{fmt}.csv"
+    assert predict_main([str(tmp / "run"), *map(str, images), "--output", str(from_run)]) == 0
+    assert predict_main([str(out), *map(str, images), "--output", str(from_file), "--batch_size", "33"]) == 0
+    run_rows, file_rows = read_rows(from_run), read_rows(from_file)
+    assert list(run_rows[0]) == list(file_rows[0])
+    for a, b in zip(run_rows, file_rows):
+        assert a["predicted"] == b["predicted"] and a["experts_agree"] == b["experts_agree"]
+        assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-5)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_an_export_with_a_changed_weight_fails_the_parity_check_and_leaves_nothing(trained, fmt):
+    tmp, _, _ = trained
+    broken = mcn.load(tmp / "run")
+    with torch.no_grad():
+        broken.mcn.global_head.weight[0, 0] += 0.5
+    out = tmp / "broken" / f"model.{fmt}"
+    with pytest.raises(
+        MCNError, match=r"does not match the model: parity on \d+ test images: max \|logit difference\|"
+    ):
+        export(tmp / "run", fmt, out, model=broken)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_an_unknown_export_format_ends_in_one_line(trained, capsys):
+    from mcn.export import main as export_main
+
+    tmp, _, _ = trained
+    with pytest.raises(SystemExit):
+        export_main([str(tmp / "run"), "--format", "tflite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mcn: error: argument --format: invalid choice: 'tflite'")

@@ -128,10 +128,10 @@ class Engine:
             for x in self.rule.batches(images, batch_size, self.device, self.channels_last):
                 with self.autocast():
                     out = self.forward(x)
-                g, e = out if isinstance(out, tuple) else (out, None)
-                fused.append(torch.as_tensor(g).float().cpu())
+                g, e = split_outputs(out)
+                fused.append(g.float().cpu())
                 if e is not None:
-                    experts.append(torch.as_tensor(e).float().cpu())
+                    experts.append(e.float().cpu())
         n = len(self.rule.classes)
         return (torch.cat(fused) if fused else torch.empty(0, n)), (torch.cat(experts, dim=1) if experts else None)
 
@@ -161,6 +161,14 @@ class Engine:
             [inputs.labels[i] for i in kept],
             skipped,
         )
+
+
+def split_outputs(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fused logits, expert logits or None) from what a model gives: the fused logits alone, or both."""
+    if not isinstance(out, (tuple, list)):
+        return torch.as_tensor(out), None
+    fused, experts = out
+    return torch.as_tensor(fused), None if experts is None else torch.as_tensor(experts)
 
 
 def _fusion_types(folder: Path) -> list[str]:
