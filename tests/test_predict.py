@@ -236,3 +236,21 @@ def test_an_unknown_export_format_ends_in_one_line(trained, capsys):
         export_main([str(tmp / "run"), "--format", "tflite"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mcn: error: argument --format: invalid choice: 'tflite'")
+
+
+def test_the_card_holds_the_seed_study_row_of_a_study_above_the_run(trained, tmp_path):
+    from mcn.evaluation.study import make_study, write_study
+    from mcn.evaluation.summary import collect_runs
+    from mcn.inference.card import refreshed
+
+    tmp, _, _ = trained
+    study = tmp_path / "study"
+    copy = study / "seed_42" / "fusion" / f"0_fusion={FUSION}"
+    shutil.copytree(tmp / "run", copy, ignore=shutil.ignore_patterns("*.pth", "experts", "fusion", "global"))
+    shutil.copy(tmp / "run" / f"best_complete_fusion_{FUSION}.pth", copy)
+    write_study(make_study(collect_runs(study)), study / "summary_study", title="test")
+    rows = [r for r in read_rows(study / "summary_study.csv") if r["quantity"].startswith("test_accuracy")]
+    card = refreshed(FusionRunFiles(copy, FUSION))
+    assert rows and [(r["quantity"], r["mean"]) for r in card["seed_study"]] == [
+        (r["quantity"], r["mean"]) for r in rows
+    ]

@@ -43,14 +43,15 @@ DEFAULT_TOLERANCE = 1e-3  # largest |logit difference| accepted (fp32 kernels di
 
 
 class ExportedOutputs(nn.Module):
-    """What is exported: the fused logits [B, C], and with `with_experts` each expert's logits [K, B, C] too."""
+    """What is exported of an MCN (`mcn.models.MCN`): the fused logits [B, C], and with `with_experts` each expert's
+    logits [K, B, C] too."""
 
-    def __init__(self, model: FusedModel, with_experts: bool):
+    def __init__(self, mcn: nn.Module, with_experts: bool):
         super().__init__()
-        self.model, self.with_experts = model, with_experts
+        self.mcn, self.with_experts = mcn, with_experts
 
     def forward(self, x: torch.Tensor):
-        fused, experts = self.model.forward_all(x)
+        fused, experts = self.mcn(x)
         return (fused, experts) if self.with_experts else fused
 
 
@@ -170,7 +171,7 @@ def export(
     cards = card_paths(path.parent, files.fusion_type)
     check_writable([path, contract_path(path), *cards], fix="pass another --output")
     images = test_images(reference, parity_images)
-    module = ExportedOutputs(model if model is not None else copy.deepcopy(reference), with_experts).eval()
+    module = ExportedOutputs((model if model is not None else copy.deepcopy(reference)).mcn, with_experts).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     with staged(path) as tmp:
         export_file(module, images[:2], fmt, tmp)

@@ -303,12 +303,18 @@ def load_exported(path: Path, device: torch.device) -> tuple[Engine, dict]:
     return Engine(forward, rule, contract["temperature"], device, str(path)), contract
 
 
-def onnx_forward(path: Path) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
-    """An ONNX file run by onnxruntime on the CPU: normalised batches in, (fused logits, expert logits or None) out."""
+def onnx_forward(
+    path: Path, threads: int | None = None
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    """An ONNX file run by onnxruntime on the CPU (on `threads` threads; None: onnxruntime's choice): normalised
+    batches in, (fused logits, expert logits or None) out."""
     import onnxruntime
 
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own types for a corrupt file
         raise FileError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0]}); export the run again") from None
     name = session.get_inputs()[0].name
