@@ -73,8 +73,7 @@ def test_images(model: FusedModel, count: int) -> torch.Tensor:
     """The first `count` images of the run's test part, normalised by its input rule: [N, C, H, W] float32."""
     cfg = OmegaConf.create(model.config)
     data = prepare_data(cfg, expert_specs(cfg))
-    images = data.test.images[: min(count, len(data.test))]
-    images = images if isinstance(images, torch.Tensor) else images.to("cpu")
+    images = data.test.images[torch.arange(min(count, len(data.test)))]  # a tensor's rows, or a memory map's
     return torch.cat(list(model.rule.batches(images, PARITY_BATCH, torch.device("cpu"))))
 
 
