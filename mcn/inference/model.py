@@ -20,10 +20,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mcn.errors import CheckpointError, FileError, MCNError
-from mcn.files import COMPONENT_PATTERNS, FusionResults, FusionRunFiles, find_fusion_runs, load_checkpoint
+from mcn.files import (
+    COMPONENT_PATTERNS,
+    FusionResults,
+    FusionRunFiles,
+    find_fusion_runs,
+    load_checkpoint,
+    load_weights,
+)
 from mcn.files.layout import RESULTS_PATTERN
 from mcn.inference.card import fitted_temperature, run_card, validation_logits
-from mcn.inference.images import Inputs, decoded, gather
+from mcn.inference.images import DECODE_CHUNK, Inputs, decoded, gather
 from mcn.inference.rule import InputRule
 from mcn.models import MCN, build_mcn
 from mcn.training.loop import progress
@@ -150,7 +157,7 @@ class Engine:
                 skipped.extend(bad)
                 yield images
 
-        total = -(-len(inputs) // 512)
+        total = -(-len(inputs) // DECODE_CHUNK)
         logits, experts = self._logits(progress(chunks(), total, "predicting", self.progress_bar), batch_size)
         return Prediction(
             logits,
@@ -172,10 +179,10 @@ def split_outputs(out) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _fusion_types(folder: Path) -> list[str]:
-    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    types = {m["type"] for n in names for m in [RESULTS_PATTERN.match(n)] if m}
-    types |= {m["type"] for n in names for _, pattern in COMPONENT_PATTERNS[-1:] for m in [pattern.match(n)] if m}
-    return sorted(types)
+    """The fusion types of the runs in `folder` itself, by their results JSON or best complete model."""
+    best = COMPONENT_PATTERNS[-1][1]  # best_complete_fusion_<type>.pth
+    names = [p.name for p in folder.iterdir()]
+    return sorted({m["type"] for n in names for m in (RESULTS_PATTERN.match(n), best.match(n)) if m})
 
 
 def best_run(folder: Path) -> FusionRunFiles:
@@ -228,7 +235,7 @@ def load(source: str | Path, fusion_type: str | None = None) -> FusedModel:
     path = checkpoint or files.complete()
     ckpt = load_checkpoint(path, component="complete")
     model = build_mcn(ckpt["architecture"])
-    model.load_state_dict(ckpt["state_dict"])
+    load_weights(model, ckpt["state_dict"], path, "complete model")
     model.eval()
     rule = InputRule.from_dict(card["input"], files.root)
     temperature = card["calibration"]["temperature"]
