@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"accuracy {summary[0]['accuracy']:.4f} on {summary[0]['images']} labelled images; per class:")
             for name, value in summary[0]["per_class"].items():
                 print(f"  {name}: {'no images' if value is None else f'{value:.4f}'}")
-            print("confusion matrix: " + ", ".join(map(str, summary[1])))
+            print("wrote " + ", ".join(map(str, summary[1])))
         sys.stdout.flush()
         return 0
 

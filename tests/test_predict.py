@@ -254,3 +254,14 @@ def test_the_card_holds_the_seed_study_row_of_a_study_above_the_run(trained, tmp
     assert rows and [(r["quantity"], r["mean"]) for r in card["seed_study"]] == [
         (r["quantity"], r["mean"]) for r in rows
     ]
+
+
+def test_a_folder_of_runs_gives_its_finished_run_with_the_best_validation_accuracy(trained, tmp_path):
+    from mcn.inference.model import run_files
+
+    tmp, _, _ = trained
+    assert run_files(tmp)[0] == FusionRunFiles(tmp / "run", FUSION)
+    (tmp_path / "sweep" / "0_unfinished").mkdir(parents=True)  # a run that never finished is passed over
+    shutil.copy(tmp / "run" / "run_status.json", tmp_path / "sweep" / "0_unfinished")
+    shutil.copytree(tmp / "run", tmp_path / "sweep" / "1_done", ignore=shutil.ignore_patterns("experts", "fusion"))
+    assert run_files(tmp_path / "sweep")[0].root == tmp_path / "sweep" / "1_done"
