@@ -64,6 +64,7 @@ from mcn.files import (
     write_json,
 )
 from mcn.files.code import code_version
+from mcn.inference.card import write_model_card
 from mcn.models import MCN, ExpertStack, create_fusion, fusion_width, list_fusions
 from mcn.recipes.expert import check_pretrained_expert
 from mcn.terminal import HEADLINE
@@ -556,6 +557,7 @@ class FusionRecipe:
         self.report.add({"phase": "test", "epoch": best["epoch"], **test, "elapsed_s": round(train_time, 2)})
         results = self._results(best, final, test, epochs_run, train_time)
         results.write(self.files.results)
+        write_model_card(self.files, self.data, final["val"])
         self.tracker.summary({f"test/{k}": v for k, v in test.items()} | {"best_epoch": best["epoch"]})
         self._log_results(results)
         return asdict(results)
