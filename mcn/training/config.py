@@ -21,6 +21,9 @@ RESUME_IGNORES = (
     "logger.mode",
     "sweep.name",
     "experts.trust_pickle",
+    "pipeline.seeds",  # mcn.pipeline's bookkeeping: which seeds and fusion types a study holds, not what one run is
+    "pipeline.fusions",
+    "pipeline.retrain_experts",
     "search",  # mcn.tune's settings: how many trials, workers, which space; a trial's own values are set keys
 )
 # keys in which runs may differ and still be replicates of one study group (mcn.study): the seed, and what only
@@ -261,3 +264,11 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def resume_changes(old: dict, new: dict) -> list[str]:
     """The config changes that would make a resumed run compute something else."""
     return [c for c in config_changes(old, new) if not c.startswith(RESUME_IGNORES)]
+
+
+def resume_refusal(state_path, changes: list[str]) -> str:
+    """The one line refusing to continue a run whose train state `state_path` holds another config (`changes`)."""
+    return (
+        f"{state_path} was written with another config ({'; '.join(changes)}); set trainer.resume=force "
+        f"to continue with the new values, or trainer.resume=never to start over"
+    )

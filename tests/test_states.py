@@ -1,0 +1,84 @@
+"""States change only by what happened to a run (issue 33), through the real CLI: a refusal leaves every run's
+files as they were, a run's identity holds what changes its result and not a study's bookkeeping, a value or key
+refused before training leaves no run folder."""
+
+import csv
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from mcn.files import read_status
+
+from helpers import run_cli
+
+QUICK = ["experiment=quickstart", "logger=none", "trainer.progress_bar=false", "probe.enabled=false"]
+PY = os.path.dirname(sys.executable)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (lock files aside: a lock is taken by any process that looks) and its content hash."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".mcn.lock"
+    }
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("mcn: error:")]
+
+
+def test_a_study_grown_by_a_fusion_type_reuses_its_finished_runs_and_counts_all(tmp_path):
+    study = [
+        *QUICK,
+        "pipeline.seeds=[42]",
+        "experts.num=2",
+        "pretrain.epochs=1",
+        "trainer.epochs=1",
+        "hydra.run.dir=study",
+    ]
+    three = run_cli(
+        [*study, "pipeline.fusions=[multiplicative,concatenation,simpleAddition]"], tmp_path, module="mcn.pipeline"
+    )
+    assert three.returncode == 0, three.stderr[-3000:]
+    fusion = tmp_path / "study" / "seed_42" / "fusion"
+    before = {f.name: snapshot(f) for f in fusion.iterdir()}
+    assert len(before) == 3
+    four = run_cli(
+        [*study, "pipeline.fusions=[multiplicative,concatenation,simpleAddition,multiplicativeShifted]"],
+        tmp_path,
+        module="mcn.pipeline",
+    )
+    assert four.returncode == 0, four.stderr[-3000:]
+    assert four.stderr.count("this run is already done") == 3 or "already done" in four.stdout + four.stderr
+    for name, files in before.items():  # the finished runs were read back, not trained or rewritten
+        assert {k: v for k, v in snapshot(fusion / name).items() if not k.startswith(".hydra")} == {
+            k: v for k, v in files.items() if not k.startswith(".hydra")
+        }, name
+        assert read_status(fusion / name / "run_status.json")["state"] == "done"
+    assert read_status(fusion / "3_fusion=multiplicativeShifted" / "run_status.json")["state"] == "done"
+    report = run_cli([str(tmp_path / "study")], tmp_path, module="mcn.evaluate")
+    assert report.returncode == 0, report.stderr
+    with open(tmp_path / "study" / "fusion_performance_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["fusion_type"] for r in rows if r.get("state", "done") == "done") == sorted(
+        ["multiplicative", "concatenation", "simpleAddition", "multiplicativeShifted"]
+    )
+
+
+def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path):
+    run = [*QUICK, "trainer.epochs=2", "hydra.run.dir=run"]
+    first = run_cli(run, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = snapshot(tmp_path / "run")
+    refused = run_cli([*run, "optim.weight_decay=0.5"], tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    [line] = error_lines(refused.stderr)
+    assert "written with another config" in line and "trainer.resume=force" in line
+    after = snapshot(tmp_path / "run")
+    assert {k: v for k, v in after.items() if k != "train.log" and not k.startswith(".hydra")} == {
+        k: v for k, v in before.items() if k != "train.log" and not k.startswith(".hydra")
+    }
+    assert json.loads((tmp_path / "run" / "run_status.json").read_text())["state"] == "done"
