@@ -177,7 +177,7 @@ def test_a_value_out_of_range_is_refused_before_any_work_with_a_suggestion_that_
     suggested = re.search(rf"e\.g\. {re.escape(key)}=(\S+)$", line)[1]
     rule, _, nullable = VALUE_RULES[key]
     check_value(_with(key, suggested), key, rule, suggested, nullable)  # raises if it does not pass
-    assert not list(tmp_path.rglob("*.pth")) and read_status(tmp_path / "run" / "run_status.json")["state"] == "failed"
+    assert not (tmp_path / "run").exists()  # a command refused before its run started leaves no folder
 
 
 def _with(key: str, value: str):

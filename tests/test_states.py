@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from mcn.files import read_status
 
 from helpers import run_cli
@@ -82,3 +84,33 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path):
         k: v for k, v in before.items() if k != "train.log" and not k.startswith(".hydra")
     }
     assert json.loads((tmp_path / "run" / "run_status.json").read_text())["state"] == "done"
+
+
+@pytest.mark.parametrize(
+    "override, near",
+    [("+foo=1", None), ("+trainer.epoch=3", "trainer.epochs=3")],
+)
+def test_a_key_nothing_reads_is_refused_naming_the_nearest_key_before_any_folder(tmp_path, override, near):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    result = run_cli([*QUICK, "trainer.epochs=1", override], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result.stderr)
+    assert override in line and "nothing in mcn reads" in line and "the nearest key is" in line
+    if near:
+        assert f"e.g. {near} " in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no run folder, no outputs/ at all
+    assert (tmp_path / "other" / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("override", ["split.seed=abc", "optim.base_lr=nan", "experts.num=0"])
+def test_a_value_refused_before_training_leaves_no_run_folder(tmp_path, override):
+    done = tmp_path / "outputs" / "runs" / "train" / "done_run"
+    done.mkdir(parents=True)
+    (done / "run_status.json").write_text('{"state": "done"}')
+    result = run_cli([*QUICK, "trainer.epochs=1", override], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result.stderr)
+    assert override.split("=")[0] in line
+    assert [p.name for p in done.parent.iterdir()] == ["done_run"]  # the refused run left nothing beside it
+    assert (done / "run_status.json").read_text() == '{"state": "done"}'
