@@ -114,3 +114,18 @@ def test_a_value_refused_before_training_leaves_no_run_folder(tmp_path, override
     assert override.split("=")[0] in line
     assert [p.name for p in done.parent.iterdir()] == ["done_run"]  # the refused run left nothing beside it
     assert (done / "run_status.json").read_text() == '{"state": "done"}'
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["-m", "--cfg", "hydra"], "-m (a sweep) and --cfg / --info (show the config) do not go together"),
+        (["hydra.job.chdir=true"], "hydra.job.chdir=true is not supported"),
+    ],
+)
+def test_flags_mcn_does_not_follow_are_refused_in_one_line_before_any_folder(tmp_path, args, said):
+    result = run_cli([*QUICK, *args], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result.stderr)
+    assert said in line
+    assert list(tmp_path.iterdir()) == []
