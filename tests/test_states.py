@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -129,3 +130,22 @@ def test_flags_mcn_does_not_follow_are_refused_in_one_line_before_any_folder(tmp
     [line] = error_lines(result.stderr)
     assert said in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_library_warnings_go_to_the_log_file_not_the_terminal(tmp_path):
+    script = (
+        "import logging, sys, warnings\n"
+        "from sklearn.exceptions import ConvergenceWarning\n"
+        "from mcn.terminal import show_on_terminal\n"
+        "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+        f"logging.getLogger().addHandler(logging.FileHandler({str(tmp_path / 'train.log')!r}))\n"
+        "show_on_terminal('all', many_runs=False)\n"
+        "warnings.warn('lbfgs failed to converge', ConvergenceWarning)\n"
+        "warnings.warn('Palette images with Transparency expressed in bytes should be converted to RGBA images')\n"
+        "warnings.warn('something else')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert "lbfgs failed to converge" in log and "Palette images" in log and "something else" in log
+    assert "converge" not in result.stderr and "Palette" not in result.stderr and "something else" in result.stderr
