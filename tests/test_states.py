@@ -149,3 +149,12 @@ def test_library_warnings_go_to_the_log_file_not_the_terminal(tmp_path):
     log = (tmp_path / "train.log").read_text()
     assert "lbfgs failed to converge" in log and "Palette images" in log and "something else" in log
     assert "converge" not in result.stderr and "Palette" not in result.stderr and "something else" in result.stderr
+
+
+def test_the_code_root_is_found_when_a_folder_named_mcn_shadows_the_package(tmp_path, monkeypatch):
+    import mcn
+    from mcn.files.code import code_root, code_version
+
+    monkeypatch.setattr(mcn, "__file__", None)  # how `mcn` reads as a namespace package
+    assert (code_root() / "mcn" / "files" / "code.py").is_file()
+    assert code_version()["hash"]
