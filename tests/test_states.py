@@ -4,6 +4,7 @@ refused before training leaves no run folder."""
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -158,3 +159,23 @@ def test_the_code_root_is_found_when_a_folder_named_mcn_shadows_the_package(tmp_
     monkeypatch.setattr(mcn, "__file__", None)  # how `mcn` reads as a namespace package
     assert (code_root() / "mcn" / "files" / "code.py").is_file()
     assert code_version()["hash"]
+
+
+def test_a_forced_resume_with_other_values_is_recorded_in_mlflow(tmp_path):
+    pytest.importorskip("mlflow")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    run = [*QUICK, "logger=mlflow", "hydra.run.dir=run"]
+    first = run_cli([*run, "trainer.epochs=1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    forced = run_cli([*run, "trainer.epochs=2", "trainer.resume=force"], tmp_path)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    mlrun = client.get_run((tmp_path / "run" / "mlflow_run_id.txt").read_text().strip())
+    assert mlrun.data.params["trainer.epochs"] == "1"  # MLflow's params cannot change: the tags say what did
+    assert mlrun.data.tags["mcn.now.trainer.epochs"] == "2"
+    assert "trainer.epochs: 1 -> 2" in mlrun.data.tags["mcn.config_changes"]
+    said = forced.stdout + forced.stderr
+    if importlib.util.find_spec("flask") is None:  # the printed advice installs the UI of the store's version
+        assert f"pip install mlflow=={mlflow.__version__}" in said
