@@ -179,3 +179,17 @@ def test_a_forced_resume_with_other_values_is_recorded_in_mlflow(tmp_path):
     said = forced.stdout + forced.stderr
     if importlib.util.find_spec("flask") is None:  # the printed advice installs the UI of the store's version
         assert f"pip install mlflow=={mlflow.__version__}" in said
+
+
+def test_run_status_is_written_by_rank_0_alone_with_the_job_id_slurm_shows(tmp_path, monkeypatch):
+    from mcn.files import RunStatus
+
+    monkeypatch.setenv("SLURM_JOB_ID", "6")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    for rank in ("1", "0"):  # both tasks of a 2-task job start: one start, recorded by rank 0
+        monkeypatch.setenv("SLURM_PROCID", rank)
+        RunStatus(tmp_path / "run_status.json").started(stage="fusion", fusion_type="concatenation")
+    status = read_status(tmp_path / "run_status.json")
+    assert status["starts"] == 1 and status["slurm_job_id"] == "5_0"
