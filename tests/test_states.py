@@ -193,3 +193,13 @@ def test_run_status_is_written_by_rank_0_alone_with_the_job_id_slurm_shows(tmp_p
         RunStatus(tmp_path / "run_status.json").started(stage="fusion", fusion_type="concatenation")
     status = read_status(tmp_path / "run_status.json")
     assert status["starts"] == 1 and status["slurm_job_id"] == "5_0"
+
+
+def test_a_slurm_jobs_first_suggestion_is_the_retry_on_the_cluster(tmp_path):
+    from mcn.cluster.jobs import retry_first
+    from mcn.files.run_status import LOST
+
+    local = f"cd {tmp_path} && python -m mcn.train fusion=concatenation hydra.run.dir={tmp_path / 'sweep' / '0_x'}"
+    line = retry_first(f"{LOST}; continue it with: {local}", tmp_path / "sweep")
+    retry = line.index(f"python -m mcn.sweep retry {tmp_path / 'sweep'}")
+    assert retry < line.index(local) and "off the cluster" in line[retry:]
