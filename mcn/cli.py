@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -17,8 +18,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from mcn import distributed
-from mcn.errors import MCNError, StorageError
+from mcn.errors import ConfigError, MCNError, StorageError
 from mcn.files import lock
+from mcn.training.config import refuse_unknown_keys
 
 log = logging.getLogger("mcn")
 
@@ -57,6 +59,7 @@ def one_line_errors():
         _to_log_files(message)
         if os.environ.get("SUBMITIT_EXECUTOR"):
             raise
+        _remove_unstarted_run()
         fail(message, status)
     except KeyboardInterrupt:
         _to_log_files("interrupted (Ctrl-C)")
@@ -81,6 +84,14 @@ def hydra_command(main: Callable[[], None]) -> None:
         fail(f"{str(e).splitlines()[0]}{known}")
     except (HydraException, OmegaConfBaseException) as e:
         fail(config_error(e))
+    except ValueError as e:  # Hydra's check of its own flags (-m with --cfg or --info) is a plain ValueError
+        if not str(e).startswith("Only one of --run"):
+            raise
+        fail(
+            f"{e}: -m (a sweep) and --cfg / --info (show the config) do not go together; drop -m to see the config "
+            f"each job of the sweep composes, e.g. python -m {Path(sys.argv[0]).parent.name}.{Path(sys.argv[0]).stem} "
+            f"--cfg job <one job's overrides>"
+        )
 
 
 def config_error(e: BaseException) -> str:
@@ -99,11 +110,50 @@ class RunFolderCheck(Callback):
     file as it was. The lock taken here is the run's for the life of the process."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _or_exit(lambda: refuse_unknown_keys(config))
+        _or_exit(lambda: _refuse_chdir(config))
         if distributed.from_environment().rank == 0:  # several processes (torchrun, Slurm tasks): rank 0 holds it
-            _or_exit(lambda: lock.acquire(_writable(Path(str(config.hydra.run.dir)))))
+            folder = Path(str(config.hydra.run.dir)).absolute()
+            created = [p for p in (folder, *folder.parents) if not p.exists()]
+            _or_exit(lambda: lock.acquire(_writable(folder)))
+            _created[:] = created
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _or_exit(lambda: refuse_unknown_keys(config))
+        _or_exit(lambda: _refuse_chdir(config))
         _or_exit(lambda: _writable(Path(str(config.hydra.sweep.dir))))
+
+
+def _refuse_chdir(config: DictConfig) -> None:
+    """mcn roots every relative path (paths.*, data.root, the run folders) in the launch folder; Hydra's chdir would
+    root some of them in the run folder instead, so it is refused rather than half-followed."""
+    if config.hydra.job.get("chdir"):
+        raise ConfigError(
+            "hydra.job.chdir=true is not supported: mcn resolves every relative path (paths.*, data.root, "
+            "data.train_csv) against the folder you launch from, and the job's own files already go to its run "
+            "folder; drop hydra.job.chdir=true (give absolute paths to place files elsewhere)"
+        )
+
+
+_created: list[Path] = []  # the run folder this process created for its run, then each parent it created
+_HYDRA_ONLY = {".hydra", lock.LOCK_FILE}  # with *.log: what a run folder holds before its run starts
+
+
+def _remove_unstarted_run() -> None:
+    """A command refused before its run started (a value out of range) leaves no folder behind: the run folder this
+    process created goes, with its parents that it created, while it holds only Hydra's record, logs and the lock."""
+    if not _created or not _created[0].is_dir():
+        return
+    folder = _created[0]
+    if any(p.name not in _HYDRA_ONLY and not p.name.endswith(".log") for p in folder.iterdir()):
+        return
+    lock.release(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in _created[1:]:
+        try:
+            parent.rmdir()
+        except OSError:  # something else lives there now
+            break
 
 
 def _or_exit(check: Callable[[], object]) -> None:

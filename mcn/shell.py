@@ -35,7 +35,8 @@ def command(module: str, *args: str | Path) -> str:
 
 
 def rerun_command() -> str | None:
-    """The command that continues this Hydra job in its folder: the same command line in single-run mode (a run's
+    """The command that continues this Hydra job in its folder, from the folder it was launched in (`cd <launch
+    folder> && ...`, so that it pastes anywhere): the same command line in single-run mode (a run's
     folder is named by its overrides, so it comes back there); for a job of a -m sweep, the job's own overrides with
     `hydra.run.dir` set to its folder. None outside a Hydra job (the library called directly)."""
     from hydra.core.hydra_config import HydraConfig
@@ -46,6 +47,8 @@ def rerun_command() -> str | None:
     hc = HydraConfig.get()
     module = f"mcn.{hc.job.name}"
     task = list(hc.overrides.task)
+    # from the launch folder, where the overrides' relative paths (and the default run folder) are rooted
+    cd = f"cd {shlex.quote(str(hc.runtime.cwd))} && "
     if hc.mode == RunMode.MULTIRUN:
-        return command(module, *task, hydra_override("hydra.run.dir", Path(hc.runtime.output_dir)))
-    return command(module, *task, *(o for o in hc.overrides.hydra if not o.startswith("hydra.mode=")))
+        return cd + command(module, *task, hydra_override("hydra.run.dir", Path(hc.runtime.output_dir)))
+    return cd + command(module, *task, *(o for o in hc.overrides.hydra if not o.startswith("hydra.mode=")))

@@ -18,6 +18,16 @@ HEADLINE = {"headline": True}  # `extra=` of a line that `runs` shows: a run's o
 MODES = ("auto", "all", "runs")
 
 
+# library warnings that say nothing a user can act on mid-run (a probe's solver that stopped at its iteration cap,
+# a palette image converted on load): the log files keep them, the terminal does not show them
+_QUIET_WARNINGS = ("ConvergenceWarning", "Palette images with Transparency")
+
+
+class _NoLibraryNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "py.warnings" or not any(w in record.getMessage() for w in _QUIET_WARNINGS)
+
+
 class _RunsOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or getattr(record, "headline", False)
@@ -25,11 +35,14 @@ class _RunsOnly(logging.Filter):
 
 def show_on_terminal(mode: str, many_runs: bool) -> None:
     """Apply `trainer.terminal=mode` to the root logger's terminal handlers (its stream handlers that are not log
-    files); `many_runs`: the command runs many (auto means runs). ConfigError for a mode not in MODES."""
+    files); `many_runs`: the command runs many (auto means runs). Library warnings go to the log files; those in
+    _QUIET_WARNINGS are kept off the terminal. ConfigError for a mode not in MODES."""
     if mode not in MODES:
         raise ConfigError(f"trainer.terminal={mode!r} must be one of {', '.join(MODES)}; e.g. trainer.terminal=runs")
-    if mode == "all" or (mode == "auto" and not many_runs):
-        return
+    logging.captureWarnings(True)  # Python's warnings become log records, which reach the log files
+    every_line = mode == "all" or (mode == "auto" and not many_runs)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.addFilter(_RunsOnly())
+            handler.addFilter(_NoLibraryNoise())
+            if not every_line:
+                handler.addFilter(_RunsOnly())

@@ -4,6 +4,7 @@ runs to the end), never a traceback, a silently wrong result, mixed runs or half
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -243,7 +244,10 @@ def test_ctrl_c_says_where_the_last_good_state_is_and_resume_finishes(tmp_path):
         f"interrupted (Ctrl-C) during epoch {saved + 1}; epoch {saved} is saved in {run_dir / 'train_state.pth'}"
         in line
     )
-    assert f"continue with: python -m mcn.train {' '.join(args)}" in line and temp_files(run_dir) == []
+    assert (
+        f"continue with: cd {shlex.quote(str(tmp_path))} && python -m mcn.train {' '.join(args)}" in line
+        and temp_files(run_dir) == []
+    )
     assert read_status(run_dir / "run_status.json")["state"] == "interrupted"
     resumed = run_cli(args, tmp_path)
     assert resumed.returncode == 0 and said(resumed, f"resumed from {run_dir / 'train_state.pth'} after epoch {saved}")

@@ -58,8 +58,21 @@ def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[J
             log = sweep.job_file(job.job_id, "log.err") if job.job_id else None
             if not error and log and log.exists():
                 error = last_error_line(log.read_text(errors="replace")[-20000:])
+            if error and sweep.launcher == "slurm":
+                error = retry_first(error, sweep.root)
         views.append(JobState(job, state, run, error))
     return views, slurm is not None
+
+
+def retry_first(error: str, root: Path) -> str:
+    """A Slurm job's error line with the retry on the cluster as its first suggestion: the run's own "continue
+    with" command trains wherever it is pasted (a login node), so it comes second, for a run off the cluster."""
+    for marker in ("; continue it with: ", "; continue with: "):
+        if marker in error:
+            what, local = error.split(marker, 1)
+            retry = shell.command("mcn.sweep", "retry", Path(root).absolute())
+            return f"{what}; resubmit it on the cluster: {retry} (or, off the cluster, here: {local})"
+    return error
 
 
 def job_code(sweep: Sweep, view: JobState) -> dict | None:

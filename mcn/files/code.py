@@ -31,8 +31,10 @@ _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 def code_root() -> Path:
-    """The folder this process imports `mcn` from: a checkout, a sweep's snapshot, or site-packages."""
-    return Path(mcn.__file__).resolve().parents[1]
+    """The folder this process imports `mcn` from: a checkout, a sweep's snapshot, or site-packages. Read from this
+    module's own file: `mcn.__file__` is None where a folder named `mcn` in the working directory made `mcn` a
+    namespace package (launching from the parent of a clone called `mcn`)."""
+    return Path(__file__).resolve().parents[2]
 
 
 def _files(root: Path) -> list[Path]:

@@ -34,11 +34,18 @@ def _key(folder: str | Path) -> Path:
     return Path(folder).absolute()
 
 
+def slurm_job_id() -> str | None:
+    """This process's Slurm job id as squeue and sacct show it: `<array>_<task>` for an array's task (`5_0`; its
+    SLURM_JOB_ID is a number of its own), else SLURM_JOB_ID; None outside Slurm."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
 def _me() -> dict:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job_id": slurm_job_id(),
         "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

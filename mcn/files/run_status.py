@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -62,7 +61,12 @@ class RunStatus:
         self.path = Path(path)
 
     def _update(self, **fields) -> None:
-        """Best effort: a status that cannot be written (full disk) must not hide the error that matters."""
+        """Best effort: a status that cannot be written (full disk) must not hide the error that matters. Rank 0's
+        alone: the other processes of a multi-process job run the same run (one start, not one per rank)."""
+        from mcn.distributed import from_environment  # torch: imported when a run writes, not when a reader reads
+
+        if from_environment().rank != 0:
+            return
         status = read_status(self.path) or {}
         status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         with contextlib.suppress(MCNError):
@@ -76,7 +80,7 @@ class RunStatus:
             state="running",
             starts=previous.get("starts", 0) + 1,
             error=None,
-            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            slurm_job_id=lock.slurm_job_id(),
             code=code_version(),
         )
 

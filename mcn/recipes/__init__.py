@@ -13,10 +13,10 @@ import threading
 from contextlib import contextmanager
 
 from mcn import distributed, shell
-from mcn.errors import MCNError, RunInterrupted
+from mcn.errors import ConfigError, MCNError, RunInterrupted
 from mcn.files import RunStatus, load_train_state, lock, move_earlier_run, read_status, remove_stale_temp_files
 from mcn.terminal import HEADLINE
-from mcn.training.config import resume_changes
+from mcn.training.config import resume_changes, resume_refusal
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def run_recipe(recipe) -> dict:
             moved = move_earlier_run(root)
             if moved:
                 log.info("trainer.resume=never: the earlier run in %s was moved to %s", root, moved)
+        _refuse_changed_resume(recipe)  # before the state is touched: a refusal leaves the run as it was
         remove_stale_temp_files(root)
         status = RunStatus(recipe.files.status)
         status.started(**recipe.identity, command=shell.rerun_command())
@@ -91,6 +92,22 @@ def _results_when_done(recipe) -> dict | None:
         extra=HEADLINE,
     )
     return results
+
+
+def _refuse_changed_resume(recipe) -> None:
+    """ConfigError when the run's train state was written with a config this one would change, and
+    trainer.resume=auto: said here, before the run's state is rewritten (the epoch loop says it again for callers
+    that bypass run_recipe)."""
+    state = recipe.files.train_state
+    if recipe.cfg.trainer.resume != "auto" or not state.exists():
+        return
+    try:
+        config = load_train_state(state)["config"]
+    except MCNError:
+        return  # unreadable: the epoch loop reports it in its own words, as a failure of this run
+    changes = resume_changes(config, recipe.config)
+    if changes:
+        raise ConfigError(resume_refusal(state, changes))
 
 
 @contextmanager

@@ -130,8 +130,8 @@ class ExpertRecipe:
 
     def __init__(self, cfg: DictConfig, output_dir: str | Path):
         self.cfg = absolute_paths(cfg)
-        self.config = resolved(self.cfg)
         self.index = cfg.pretrain.index
+        self._check_config()  # before run_recipe touches the folder: a refused value leaves no state behind
         self.files = ExpertRunFiles(Path(output_dir), Path(cfg.paths.experts_dir), cfg.experts.filename, self.index)
         self.identity = {"stage": "expert", "index": self.index}
         self.results_file = self.files.results  # what a finished run leaves: read back when it is run again
@@ -139,7 +139,6 @@ class ExpertRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self._check_config()
         init_seed, self.batch_seed, augment_seed = stream_seeds(cfg.seed, EXPERT_STAGE, self.index, streams=3)
         seed_everything(init_seed, deterministic=cfg.trainer.deterministic)
         self.runtime = Runtime.from_config(cfg.trainer)

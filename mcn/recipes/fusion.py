@@ -120,11 +120,11 @@ class FusionRecipe:
         self.wise_ft = None  # WiSE-FT's record (grid, chosen weight, its epoch label) once measured
         # what a finished run leaves: read back when it is run again
         self.results_file = self.files.results if self.reads_test else self.files.validation_results
+        self._check_config()  # before run_recipe touches the folder: a refused value leaves no state behind
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self._check_config()
         init_seed, self.batch_seed, augment_seed, self.probe_seed, self.head_seed = stream_seeds(
             cfg.seed, FUSION_STAGE, streams=5
         )

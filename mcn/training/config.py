@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import re
@@ -21,6 +22,9 @@ RESUME_IGNORES = (
     "logger.mode",
     "sweep.name",
     "experts.trust_pickle",
+    "pipeline.seeds",  # mcn.pipeline's bookkeeping: which seeds and fusion types a study holds, not what one run is
+    "pipeline.fusions",
+    "pipeline.retrain_experts",
     "search",  # mcn.tune's settings: how many trials, workers, which space; a trial's own values are set keys
 )
 # keys in which runs may differ and still be replicates of one study group (mcn.study): the seed, and what only
@@ -261,3 +265,45 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def resume_changes(old: dict, new: dict) -> list[str]:
     """The config changes that would make a resumed run compute something else."""
     return [c for c in config_changes(old, new) if not c.startswith(RESUME_IGNORES)]
+
+
+def resume_refusal(state_path, changes: list[str]) -> str:
+    """The one line refusing to continue a run whose train state `state_path` holds another config (`changes`)."""
+    return (
+        f"{state_path} was written with another config ({'; '.join(changes)}); set trainer.resume=force "
+        f"to continue with the new values, or trainer.resume=never to start over"
+    )
+
+
+def _keys(node, prefix: str = "") -> list[str]:
+    """Every key of a config node, dotted, without resolving a value (`${now:}` needs Hydra's context)."""
+    keys = []
+    if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+        for key in node:
+            keys.append(f"{prefix}{key}")
+            keys += _keys(node._get_node(key), f"{prefix}{key}.")
+    return keys
+
+
+def refuse_unknown_keys(config: DictConfig) -> None:
+    """ConfigError for an override that adds a key (`+foo=1`, `+trainer.epoch=3`) to mcn's config: nothing in mcn
+    reads a key its config does not hold, so the run would train as if it were not there. Config groups added with
+    `+` (`+experiment=...`) and `hydra.*` keys are Hydra's and pass. The line names the nearest real key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = config.hydra.runtime.choices if "hydra" in config else {}
+    added = [
+        o
+        for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        if o.is_add() and not o.key_or_group.startswith("hydra.") and o.key_or_group not in choices
+    ]
+    if not added:
+        return
+    known = [k for k in _keys(config) if not k.startswith("hydra") and k not in {o.key_or_group for o in added}]
+    o = added[0]
+    [near] = difflib.get_close_matches(o.key_or_group, known, n=1, cutoff=0.0) or ["seed"]
+    raise ConfigError(
+        f"{o.input_line} adds the key {o.key_or_group}, which nothing in mcn reads (the run would train as if it "
+        f"were not there); the nearest key is {near}, e.g. {near}={o.value()} (every key: "
+        f"python -m mcn.{config.hydra.job.name} --cfg job)"
+    )

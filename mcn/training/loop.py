@@ -38,7 +38,7 @@ from mcn.files import (
     upgrade_state_dict,
 )
 from mcn.files.code import code_version, describe
-from mcn.training.config import resume_changes
+from mcn.training.config import resume_changes, resume_refusal
 from mcn.training.optim import resume_optimizer
 from mcn.training.runtime import Runtime
 
@@ -375,10 +375,7 @@ class EpochLoop:
         state = load_train_state(self.state_path)
         changes = resume_changes(state["config"], r.config)
         if changes and self.resume != "force":
-            raise ConfigError(
-                f"{self.state_path} was written with another config ({'; '.join(changes)}); set trainer.resume=force "
-                f"to continue with the new values, or trainer.resume=never to start over"
-            )
+            raise ConfigError(resume_refusal(self.state_path, changes))
         if changes:
             log.warning("resuming with a changed config: %s", "; ".join(changes))
         ran, now = state.get("code"), code_version()  # states written before code versions were kept have none

@@ -169,8 +169,12 @@ class TensorBoardTracker:
 def mlflow_hint(run_id: str, uri: str) -> str:
     """Where the MLflow run lies, and the command (quoted for a POSIX shell) that shows it in MLflow's UI, which
     mlflow-skinny lacks."""
+    import mlflow
+
     command = shlex.join(["mlflow", "ui", "--backend-store-uri", uri])
-    ui = "" if importlib.util.find_spec("flask") else " (the UI needs the full package: pip install mlflow)"
+    # the store's schema is this version's: an older UI cannot open it, hence the pin
+    pip = shlex.join(["pip", "install", f"mlflow=={mlflow.__version__}"])
+    ui = "" if importlib.util.find_spec("flask") else f" (the UI needs the full package, of this version: {pip})"
     return f"run {run_id} in {uri}; view it with: {command}{ui}"
 
 
@@ -223,16 +227,19 @@ class MlflowTracker:
             self.client = MlflowClient(uri)
             id_file = files.tracker_id("mlflow")
             self.run_id = id_file.read_text().strip() if id_file.exists() else None
+            params = {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in _flat(resolved(cfg)).items()}
             if self.run_id is not None and not self._continued():
                 log.warning("mlflow: run %s (%s) is not in %s; starting a new run", self.run_id, id_file, uri)
                 self.run_id = None
+            elif self.run_id is not None:
+                self._record_changes(params)
             if self.run_id is None:
                 experiment = self._experiment(cfg.logger.experiment, artifacts)
                 tags = {"mcn.run_folder": str(files.root)}  # where the run's checkpoints and reports lie
                 self.run_id = self.client.create_run(experiment, run_name=name, tags=tags).info.run_id
                 write_text(id_file, self.run_id)
-                params = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in _flat(resolved(cfg)).items()]
-                self.client.log_batch(self.run_id, params=params)  # once: MLflow's params cannot change
+                # once: MLflow's params cannot change (a resume with other values tags them, _record_changes)
+                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
         log.info("mlflow: %s", mlflow_hint(self.run_id, uri))
 
     def _continued(self) -> bool:
@@ -246,6 +253,25 @@ class MlflowTracker:
                 raise
             return False
         return True
+
+    def _record_changes(self, params: dict[str, str]) -> None:
+        """A run continued with other values (trainer.resume=force): MLflow's params keep the values it started
+        with and cannot change, so each changed key's value now is tagged `mcn.now.<key>`, and `mcn.config_changes`
+        lists every change as `key: old -> new`; keys new to the run are logged as params."""
+        from mlflow.entities import Param, RunTag
+
+        old = self.client.get_run(self.run_id).data.params
+        changed = {k: v for k, v in params.items() if k in old and old[k] != v}
+        added = [Param(k, v) for k, v in params.items() if k not in old]
+        if not changed and not added:
+            return
+        listed = "; ".join(f"{k}: {old[k]} -> {v}" for k, v in changed.items())
+        kept = self.client.get_run(self.run_id).data.tags.get("mcn.config_changes")
+        tags = [RunTag(f"mcn.now.{k}", v) for k, v in changed.items()]
+        if listed:
+            tags.append(RunTag("mcn.config_changes", f"{kept}; {listed}" if kept else listed))
+        self.client.log_batch(self.run_id, params=added, tags=tags)
+        log.warning("mlflow: run %s continues with other values, tagged mcn.now.<key>: %s", self.run_id, listed)
 
     def _experiment(self, name: str, artifacts: str | None) -> str:
         """The id of experiment `name`, made when missing."""
