@@ -2,10 +2,11 @@
 
 `auto` chooses by the hardware. On a GPU: bf16 autocast where the GPU supports it, channels_last, torch.compile,
 the fused optimiser, data resident on the device. On a CPU: bf16 autocast only where the processor computes bf16
-natively (oneDNN says so: AVX512-BF16 or AMX), since elsewhere it is emulated and ~13x slower than fp32;
+natively (the CPU flags list AVX512-BF16 or AMX), since elsewhere it is emulated: ~13x slower than fp32 on an
+AVX2 EPYC, 0.72x the fp32 training rate on an AVX-512 Xeon without those flags (where oneDNN still reports bf16);
 channels_last (1.4x in fp32 on an AVX2 EPYC); no compile (its start-up time dwarfs small models); threads from the
-cores and the processes sharing them (`choose_threads`). The numbers are the README's ("Speed on CPU"). The start
-line says what was chosen and why (`Runtime.describe`); an explicit setting always wins.
+cores and the processes sharing them (`choose_threads`). The numbers are the README's ("Speed switches and
+benchmarks"). The start line says what was chosen and why (`Runtime.describe`); an explicit setting always wins.
 """
 
 from __future__ import annotations
@@ -37,14 +38,17 @@ def _cpu_flags() -> set[str]:
 
 
 def cpu_bf16() -> tuple[bool, str]:
-    """Whether this processor computes bf16 natively, and how that was learnt: oneDNN's own answer, else the
-    processor's flags in /proc/cpuinfo."""
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return native, f"oneDNN reports {'native' if native else 'no native'} bf16 on this CPU"
-    except (AttributeError, RuntimeError):  # a torch without the query
-        found = [f for f in CPU_BF16_FLAGS if f in _cpu_flags()]
-        return bool(found), f"the CPU flags list {', '.join(found) if found else 'no avx512_bf16 or amx_bf16'}"
+    """Whether this processor computes bf16 natively, and how that was learnt: its /proc/cpuinfo flags list
+    `avx512_bf16` or `amx_bf16`. oneDNN's own query (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) is not asked:
+    it also answers yes on AVX-512 processors without those flags, where bf16 is emulated and training measured
+    0.72x the fp32 rate (README, "Speed switches and benchmarks"). No flags to read: fp32."""
+    flags = _cpu_flags()
+    if not flags:
+        return False, "no /proc/cpuinfo to read the CPU's bf16 flags from"
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"the CPU flags list {', '.join(found)}"
+    return False, "the CPU flags list no avx512_bf16 or amx_bf16: bf16 would be emulated"
 
 
 def _cores() -> int:
