@@ -183,9 +183,13 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
     status = RunStatus(running / "run_status.json")  # a job in its second epoch
     status.started(stage="fusion", fusion_type="TransformerBase")
     status.progress(1, 4, {"epoch": 1, "val_accuracy": 0.5})
-    failed = sweep_dir / "4_fusion=simpleAddition"  # a job that failed before its first epoch
+    refused = sweep_dir / "5_fusion=simpleAddition"  # a value refused before its run started: no run, no row
     with pytest.raises(ConfigError):
-        run(compose_cfg(tmp_path, ["fusion=simpleAddition", "trainer.batch_size=0"]), str(failed))
+        run(compose_cfg(tmp_path, ["fusion=simpleAddition", "trainer.batch_size=0"]), str(refused))
+    failed = sweep_dir / "4_fusion=simpleAddition"  # a job that failed in its first epoch
+    status = RunStatus(failed / "run_status.json")
+    status.started(stage="fusion", fusion_type="simpleAddition")
+    status.failed("the training loss is nan in epoch 1; lower optim.head_lr")
     out = tmp_path / "fusion_performance_summary.csv"
     assert evaluate_main([str(sweep_dir), "--output_file", str(out)]) == 0
     with open(out) as f:
@@ -199,7 +203,7 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
     ]
     assert (
         rows[3]["epochs_run"] == "1"
-        and rows[4]["reason"] == "trainer.batch_size=0 must be a whole number > 0; e.g. trainer.batch_size=128"
+        and rows[4]["reason"] == "the training loss is nan in epoch 1; lower optim.head_lr"
     )
     for row, (folder, results) in zip(rows, runs.values()):
         saved = json.loads((folder / f"fusion_training_results_{results['fusion_type']}.json").read_text())
@@ -213,7 +217,7 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
     assert "3 finished runs in 2 groups" in study and "2 runs not in any mean (1 running, 1 failed)" in study
     for png in ("fusion_performance_summary_val_accuracy.png", "fusion_performance_summary_test_accuracy.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    shutil.rmtree(running), shutil.rmtree(failed)
+    shutil.rmtree(running), shutil.rmtree(failed), shutil.rmtree(refused, ignore_errors=True)
 
 
 def test_sweep_report_on_an_empty_folder(tmp_path, capsys):

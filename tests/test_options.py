@@ -46,6 +46,12 @@ def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):
         "cutmix_smoothing",
         "probe",
         "own_classes",
+        "ft_bn_frozen",
+        "ft_uniform_lr",
+        "ft_surgical",
+        "ft_no_expert_loss",
+        "ft_alpha_linear",
+        "wise_ft",
     }
     assert known <= set(options)
     base = [o for o in TINY if not o.startswith("probe.")]  # a command-line pin would override the presets' own
@@ -56,7 +62,7 @@ def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):
         assert results["epochs_run"] == 3 and results["baselines"]["pretrained"]["logit_average"] is not None
         changed = {
             key
-            for block in ("model", "loss", "augment", "trainer", "probe")
+            for block in ("model", "loss", "augment", "trainer", "probe", "finetune")
             for key, value in results["config"][block].items()
             if value != defaults[block][key]
         } - {"epochs"}

@@ -131,10 +131,10 @@ def test_a_run_stopped_between_logging_and_saving_an_epoch_resumes_as_one_tracke
     overrides = [f"logger={tracker}", "pretrain.epochs=3", hydra_override("paths.output_root", store)]
     save_state = EpochLoop.save_state
 
-    def stopped_at_epoch_2(loop, epoch, *args):
+    def stopped_at_epoch_2(loop, epoch, *args, **kwargs):
         if epoch == 2:  # epoch 2 is logged, never saved: as a job killed between the two
             raise KeyboardInterrupt
-        save_state(loop, epoch, *args)
+        save_state(loop, epoch, *args, **kwargs)
 
     monkeypatch.setattr(EpochLoop, "save_state", stopped_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):

@@ -4,6 +4,7 @@ progress and its error line; and the lines the launcher and `status` print."""
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[J
             state = FROM_RUN_STATE.get(run.get("state"), "FAILED" if ended else "PENDING")
         error = None
         if state not in LIVE and run.get("state") != "done":
-            error = run.get("error")
+            error = run.get("error") or (job.job_id and result_error(sweep.job_file(job.job_id, "result.pkl")))
             log = sweep.job_file(job.job_id, "log.err") if job.job_id else None
             if not error and log and log.exists():
                 error = last_error_line(log.read_text(errors="replace")[-20000:])
@@ -62,6 +63,21 @@ def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[J
                 error = retry_first(error, sweep.root)
         views.append(JobState(job, state, run, error))
     return views, slurm is not None
+
+
+def result_error(path: Path) -> str | None:
+    """The error a job ended with, from submitit's result file (`path`): the exception Hydra handed back in the job's
+    JobReturn (a value refused before its run started leaves no run status to say it), or the last error line of
+    submitit's own traceback. None: no such file, or the job did not fail."""
+    try:
+        with open(path, "rb") as f:
+            outcome, value = pickle.load(f)  # written by submitit in the sweep's own folder
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError, pickle.UnpicklingError):
+        return None
+    if outcome == "error":
+        return last_error_line(str(value))
+    failure = getattr(value, "_return_value", None)
+    return str(failure) if isinstance(failure, BaseException) else None
 
 
 def retry_first(error: str, root: Path) -> str:

@@ -226,7 +226,8 @@ def with_added_keys(config: dict, current: dict | None = None) -> dict:
     files lie), the `finetune` block (the joint epochs as they were: BatchNorm training, every expert layer, a
     constant alpha, no WiSE-FT) and `trainer.early_stopping_since` (best)."""
     config = {**config}
-    if isinstance(config.get("trainer"), dict) and "early_stopping_since" not in config["trainer"]:
+    trainer, now = config.get("trainer"), (current or {}).get("trainer")
+    if isinstance(trainer, dict) and "early_stopping_since" not in trainer and "early_stopping_since" in (now or {}):
         config["trainer"] = {**config["trainer"], "early_stopping_since": "best"}
     if "finetune" not in config and isinstance((current or {}).get("finetune"), dict):
         config["finetune"] = {

@@ -292,8 +292,9 @@ class EpochLoop:
     the end, stop early after `patience` epochs without a better validation metric: counted from the best epoch
     (`patience_since="best"`), or from the best epoch after epoch 0 (`"best_fine_tuned"`: a recipe whose first
     epochs dip below its epoch 0, the probe, can climb back before patience runs out; epoch 0 still competes for the
-    best). A loop that has ended (early stopping, the last epoch, a judge) marks its train state finished, so a
-    process that dies after it (e.g. during the final test) resumes past the loop without training on.
+    best). A loop that ended early (early stopping, a judge) marks its train state finished, so a process that dies
+    after it (e.g. during the final test) resumes past the loop without training on; after the last epoch no mark is
+    needed, and a resume with more `trainer.epochs` trains on.
 
     Resume: after every epoch the whole training state (model, optimiser, scheduler, epoch, best so
     far, every RNG stream) goes atomically to `state_path`; a job that finds that file continues after
@@ -507,7 +508,7 @@ class EpochLoop:
                 if epoch % self.save_every == 0 or epoch == epochs or stop:
                     r.save_checkpoint(epoch, val)
                 # the judge hears every epoch once its state is saved; the last one ends the run anyway (never pruned)
-                self.save_state(epoch, best, elapsed, finished=stop or epoch == epochs)
+                self.save_state(epoch, best, elapsed, finished=stop)
                 self.last_saved = epoch
                 self.status.progress(epoch, epochs, best)
                 if self.judge is not None and self.judge(epoch, val) and epoch < epochs:

@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 from mcn import distributed
 from mcn.errors import ConfigError
 from mcn.files import RunFolder, read_csv, read_status, write_csv, write_text
-from mcn.training.config import resolved
+from mcn.training.config import RESUME_IGNORES, resolved
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +257,13 @@ class MlflowTracker:
     def _record_changes(self, params: dict[str, str]) -> None:
         """A run continued with other values (trainer.resume=force): MLflow's params keep the values it started
         with and cannot change, so each changed key's value now is tagged `mcn.now.<key>`, and `mcn.config_changes`
-        lists every change as `key: old -> new`; keys new to the run are logged as params."""
+        lists every change as `key: old -> new` (not those of RESUME_IGNORES); keys new to the run are logged as
+        params."""
         from mlflow.entities import Param, RunTag
 
         old = self.client.get_run(self.run_id).data.params
-        changed = {k: v for k, v in params.items() if k in old and old[k] != v}
+        # keys that do not change what the run computes (sweep.name's default is a timestamp) are no change of values
+        changed = {k: v for k, v in params.items() if k in old and old[k] != v and not k.startswith(RESUME_IGNORES)}
         added = [Param(k, v) for k, v in params.items() if k not in old]
         if not changed and not added:
             return
