@@ -30,9 +30,17 @@ from mcn.search import launch as search_launch
 from mcn.search.folder import SearchFolder
 
 
+def open_sweep(folder: str) -> Sweep:
+    """The sweep in `folder`, saying so on stderr when its record had to be rebuilt."""
+    sweep = Sweep.open(folder)
+    if sweep.rebuilt:
+        print(f"mcn: {sweep.rebuilt}", file=sys.stderr, flush=True)
+    return sweep
+
+
 def status(folder: str, watch: float | None = None) -> int:
     """Print the table (every `watch` seconds until no job is queued or running); 1 when a job needs a retry."""
-    sweep = Sweep.open(folder)
+    sweep = open_sweep(folder)
     while True:
         views, from_slurm = job_states(sweep)
         table = status_table(sweep, views, from_slurm)
@@ -43,7 +51,7 @@ def status(folder: str, watch: float | None = None) -> int:
 
 
 def retry(folder: str) -> int:
-    sweep = Sweep.open(folder)
+    sweep = open_sweep(folder)
     if sweep.launcher != "slurm":
         raise MCNError(
             f"{folder} ran on the {sweep.launcher} launcher; rerun its unfinished jobs with: {sweep.command}"
@@ -73,7 +81,7 @@ def retry(folder: str) -> int:
 
 
 def cancel(folder: str) -> int:
-    sweep = Sweep.open(folder)
+    sweep = open_sweep(folder)
     require_slurm("scancel")
     views, _ = job_states(sweep)
     live = [v.job.job_id for v in views if v.live]

@@ -154,6 +154,8 @@ class _SweepLauncher(BaseSubmititLauncher):
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
         sweep = Sweep.create_or_open(sweep_dir, self._EXECUTOR, self.params["submitit_folder"])
+        if sweep.rebuilt:
+            print(f"mcn: {sweep.rebuilt}", file=sys.stderr, flush=True)
         jobs = [
             sweep.add(num, list(overrides), self.job_folder(num, list(overrides)))
             for num, overrides in enumerate(job_overrides, initial_job_idx)
