@@ -79,7 +79,9 @@ def test_cli_shows_epochs_and_slurm_resources(tmp_path):
     assert launcher._target_.endswith("SlurmLauncher")
 
 
-@pytest.mark.parametrize("preset,wanted", [("quickstart", (30, 4, 2, 0, None)), ("fashion_study", (60, 8, 2, 0, None))])
+@pytest.mark.parametrize(
+    "preset,wanted", [("quickstart", (30, 4, 2, None, None)), ("fashion_study", (60, 8, 2, None, None))]
+)
 def test_small_presets_ask_slurm_for_what_they_need(preset, wanted):
     def asked(overrides):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

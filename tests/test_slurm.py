@@ -1,8 +1,8 @@
 """Against a live one-node Slurm (scripts/slurm-local/start-slurm.sh; .ci/run starts it).
 
-The production request (720 min, 32 GB, 4 CPUs, 1 GPU, partition gpu) goes through unchanged:
-the local cluster advertises fake resources. A sweep is submitted and the command returns; tests that
-need the jobs' results follow them with `python -m mcn.sweep status --watch` or launch with
+The sweeps are experiment=quickstart's, whose request (30 min, 4 GB, 2 CPUs, no GPU, the default partition;
+conf/hydra/launcher/slurm_request/) goes through unchanged. A sweep is submitted and the command returns; tests
+that need the jobs' results follow them with `python -m mcn.sweep status --watch` or launch with
 hydra.launcher.wait=true. Skipped where no cluster answers.
 """
 
@@ -56,8 +56,8 @@ LONG = ["fusion=multiplicative", "trainer.epochs=40", "trainer.save_every=10", "
 # a Slurm job and the in-process run it is compared with compute alike: same threads, precision and memory format
 LONG += ["trainer.num_threads=1", "trainer.precision=fp32", "trainer.channels_last=false"]
 START_SLURM = ROOT / "scripts" / "slurm-local" / "start-slurm.sh"
-# the guide's Slurm request (conf/hydra/launcher/slurm.yaml) as sbatch lines: every submission must carry it
-REQUEST = ("--time=720", "--mem=32GB", "--cpus-per-task=4", "--gpus-per-node=1", "--partition=gpu")
+# experiment=quickstart's Slurm request as sbatch lines: every submission must carry it, and no GPU or partition
+REQUEST = ("--time=30", "--mem=4GB", "--cpus-per-task=2")
 
 
 def sweep(args, cwd, env=ENV):
@@ -175,7 +175,7 @@ def test_sweep_returns_at_once_and_status_follows_it_to_the_end(tmp_path):
     queued = subprocess.run(["squeue", "-h", "-r", "-j", array, "-o", "%i %T"], capture_output=True, text=True)
     assert len(queued.stdout.splitlines()) == 4, queued.stdout
     assert not [cmd for cmd in processes_in(tmp_path) if "mcn.train" in cmd]
-    now = sweep_cli("status", sweep_dir, cwd=tmp_path)  # the node runs two at a time: some are still to come
+    now = sweep_cli("status", sweep_dir, cwd=tmp_path)  # two epochs take a while: some are still to come
     assert now.returncode == 0 and ("PENDING" in now.stdout or "RUNNING" in now.stdout), now.stdout + now.stderr
 
     proc, rows = follow(sweep_dir, tmp_path)
@@ -184,6 +184,7 @@ def test_sweep_returns_at_once_and_status_follows_it_to_the_end(tmp_path):
     script = next(sweep_dir.glob(".submitit/*/*_submission.sh")).read_text()
     for line in ("--array=0-3", *REQUEST):
         assert line in script
+    assert "--gpus" not in script and "--partition" not in script
     for num, fusion in enumerate(fusions):
         job = next(sweep_dir.glob(f"{num}_fusion={fusion},*"))
         results = json.loads((job / f"fusion_training_results_{fusion}.json").read_text())
