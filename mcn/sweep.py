@@ -23,7 +23,7 @@ from pathlib import Path
 from mcn import shell
 from mcn.cli import ArgumentParser, one_line_errors
 from mcn.cluster.jobs import job_states, plural, status_table, submitted_message
-from mcn.cluster.manifest import Sweep
+from mcn.cluster.manifest import Sweep, lock_sweep
 from mcn.cluster.slurm import require_slurm
 from mcn.errors import MCNError
 from mcn.search import launch as search_launch
@@ -51,6 +51,8 @@ def status(folder: str, watch: float | None = None) -> int:
 
 
 def retry(folder: str) -> int:
+    Sweep.open(folder)  # a sweep folder (or the line saying why not) before its lock is taken there
+    lock_sweep(Path(folder))  # no launch or cancel of the sweep meanwhile; sweep.json is written under it
     sweep = open_sweep(folder)
     if sweep.launcher != "slurm":
         raise MCNError(
@@ -81,6 +83,8 @@ def retry(folder: str) -> int:
 
 
 def cancel(folder: str) -> int:
+    Sweep.open(folder)  # a sweep folder (or the line saying why not) before its lock is taken there
+    lock_sweep(Path(folder))  # no submission of the sweep meanwhile: what it cancels is every job there is
     sweep = open_sweep(folder)
     require_slurm("scancel")
     views, _ = job_states(sweep)

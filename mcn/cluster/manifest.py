@@ -8,12 +8,13 @@ import json
 import os
 import shlex
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mcn import shell
 from mcn.errors import MCNError
-from mcn.files import RunFolder, SweepFiles, atomic_write, read_status, write_json
+from mcn.files import RunFolder, SweepFiles, atomic_write, lock, read_status, write_json
 
 FORMAT = "mcn-sweep-v1"
 
@@ -191,6 +192,31 @@ class Sweep:
     def job_file(self, job_id: str, name: str) -> Path:
         """A file of submitit's for a job's first task: `log.err` (its stderr), `result.pkl` (written as it ends)."""
         return self.root / self.logs.replace("%j", job_id) / f"{job_id}_0_{name}"
+
+
+def lock_sweep(folder: Path, wait_s: float = 30.0) -> None:
+    """One launch, retry or cancel of a sweep at a time, and sweep.json written by that one: this process takes the
+    sweep folder's lock (mcn.files.lock, released with `lock.release(folder)` or when the process ends), waiting up to
+    `wait_s` for another process that holds it (a submission takes seconds). MCNError naming the holder otherwise."""
+    if not folder.is_dir():
+        raise MCNError(f"sweep folder {folder} does not exist")
+    deadline, said = time.time() + wait_s, False
+    while True:
+        try:
+            lock.acquire(folder)
+            return
+        except lock.FolderInUse:
+            holder = lock.describe(lock.holder(folder))
+        if time.time() >= deadline:
+            status = shell.command("mcn.sweep", "status", folder.absolute(), "--watch")
+            raise MCNError(
+                f"sweep {folder.absolute()} is being submitted, run or cancelled by {holder}: one launch, retry or "
+                f"cancel of a sweep at a time; follow it with {status}, and try again once that command has returned"
+            )
+        if not said:
+            print(f"mcn: waiting for {holder}, which is submitting or cancelling {folder}", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.5)
 
 
 def _submission_order(job_id: str) -> tuple[int, ...]:
