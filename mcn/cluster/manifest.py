@@ -88,27 +88,32 @@ class Sweep:
 
         sweep = cls(folder, "", "", "", [])
         launcher, singletons = sweep.load_launcher()
+        before = Singleton.get_state()  # a launch rebuilding the record goes on with its own Hydra state
         Singleton.set_state(singletons)  # Hydra's config store as it was at launch: composing a job's folder needs it
-        hydra = launcher.config.hydra
-        sweep.launcher, sweep.cwd, sweep.code = (
-            launcher._EXECUTOR,
-            hydra.runtime.cwd,
-            launcher.code and launcher.code["hash"],
-        )
-        sweep.origin = os.path.join(sweep.cwd, str(hydra.sweep.dir))
-        sweep.logs = os.path.relpath(os.path.join(sweep.cwd, launcher.params["submitit_folder"]), sweep.origin)
-        typed = [o for o in hydra.overrides.hydra if not o.startswith("hydra.mode=")]  # Hydra adds hydra.mode
-        sweep.argv = [f"mcn.{hydra.job.name}", "-m", *typed, *hydra.overrides.task]
-        for path in folder.glob(f"{sweep.logs.replace('%j', '*')}/*_submitted.pkl"):
-            try:
-                with open(path, "rb") as f:
-                    submitted = pickle.load(f)
-                overrides, _, num = submitted.args[:3]
-            except (OSError, pickle.UnpicklingError, AttributeError, ImportError, ValueError) as e:
-                raise MCNError(f"cannot rebuild {sweep.files.manifest}: {path} is unreadable ({e})") from e
-            job = sweep.add(num, list(overrides), launcher.job_folder(num, list(overrides)))
-            job.job_ids = sorted({*job.job_ids, path.name.removesuffix("_submitted.pkl")}, key=_submission_order)
-            job.code = submitted.function.code and submitted.function.code["hash"]
+        try:
+            hydra = launcher.config.hydra
+            sweep.launcher, sweep.cwd, sweep.code = (
+                launcher._EXECUTOR,
+                hydra.runtime.cwd,
+                launcher.code and launcher.code["hash"],
+            )
+            sweep.origin = os.path.join(sweep.cwd, str(hydra.sweep.dir))
+            sweep.logs = os.path.relpath(os.path.join(sweep.cwd, launcher.params["submitit_folder"]), sweep.origin)
+            typed = [o for o in hydra.overrides.hydra if not o.startswith("hydra.mode=")]  # Hydra adds hydra.mode
+            sweep.argv = [f"mcn.{hydra.job.name}", "-m", *typed, *hydra.overrides.task]
+            for path in folder.glob(f"{sweep.logs.replace('%j', '*')}/*_submitted.pkl"):
+                try:
+                    with open(path, "rb") as f:
+                        submitted = pickle.load(f)
+                    overrides, _, num = submitted.args[:3]
+                except (OSError, pickle.UnpicklingError, AttributeError, ImportError, ValueError) as e:
+                    raise MCNError(f"cannot rebuild {sweep.files.manifest}: {path} is unreadable ({e})") from e
+                job = sweep.add(num, list(overrides), launcher.job_folder(num, list(overrides)))
+                job.job_ids = sorted({*job.job_ids, path.name.removesuffix("_submitted.pkl")}, key=_submission_order)
+                job.code = submitted.function.code and submitted.function.code["hash"]
+        finally:
+            Singleton.set_state(before)
+        sweep.jobs.sort(key=lambda j: j.num)  # as the record keeps them
         sweep.rebuilt = (
             f"{damage}; rebuilt it from {sweep.files.launcher} and the jobs' submissions beside it (a retry or a "
             f"launch of the sweep writes it back)"
