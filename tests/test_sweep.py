@@ -158,3 +158,24 @@ def _jobs(manifest_text: str) -> list[dict]:
     return [
         {k: j[k] for k in ("num", "overrides", "folder", "job_ids", "code")} for j in json.loads(manifest_text)["jobs"]
     ]
+
+
+def test_a_sweep_held_by_another_launch_is_refused_in_one_line_after_a_wait(tmp_path):
+    from mcn.files import lock
+
+    Sweep(tmp_path, "slurm", str(tmp_path), ".submitit/%j", [SweepJob(0, ["fusion=a"], "0_fusion=a", ["7_0"])]).save()
+    record = SweepFiles(tmp_path).manifest.read_text()
+    lock.acquire(tmp_path)  # this process is "submitting" the sweep
+    try:
+        refused = sweep_cli(["cancel", str(tmp_path)], tmp_path)  # waits 30 s for the holder, then gives up
+    finally:
+        lock.release(tmp_path)
+    waiting, error = refused.stderr.splitlines()
+    assert refused.returncode == 2 and waiting.startswith(f"mcn: waiting for process {os.getpid()} on ")
+    assert error.startswith(
+        f"mcn: error: sweep {tmp_path} is being submitted, run or cancelled by process {os.getpid()}"
+    )
+    assert error.endswith(
+        f"follow it with python -m mcn.sweep status {tmp_path} --watch, and try again once that command has returned"
+    )
+    assert SweepFiles(tmp_path).manifest.read_text() == record
