@@ -202,8 +202,7 @@ def test_sweep_report_matches_the_runs_and_lists_unfinished_ones(sweep, tmp_path
         ("simpleAddition", "failed"),
     ]
     assert (
-        rows[3]["epochs_run"] == "1"
-        and rows[4]["reason"] == "the training loss is nan in epoch 1; lower optim.head_lr"
+        rows[3]["epochs_run"] == "1" and rows[4]["reason"] == "the training loss is nan in epoch 1; lower optim.head_lr"
     )
     for row, (folder, results) in zip(rows, runs.values()):
         saved = json.loads((folder / f"fusion_training_results_{results['fusion_type']}.json").read_text())
