@@ -55,10 +55,15 @@ def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[J
             state = FROM_RUN_STATE.get(run.get("state"), "FAILED" if ended else "PENDING")
         error = None
         if state not in LIVE and run.get("state") != "done":
-            error = run.get("error") or (job.job_id and result_error(sweep.job_file(job.job_id, "result.pkl")))
+            error = run.get("error")
             log = sweep.job_file(job.job_id, "log.err") if job.job_id else None
-            if not error and log and log.exists():
-                error = last_error_line(log.read_text(errors="replace")[-20000:])
+            said = log.read_text(errors="replace")[-20000:] if log and log.exists() else None
+            if not error and said and said.strip():
+                error = last_error_line(said)
+            if not error and job.job_id:  # nothing on stderr: a job refused before its run started hands it back
+                error = result_error(sweep.job_file(job.job_id, "result.pkl"))
+            if not error and said is not None:
+                error = last_error_line(said)  # "(no message)"
             if error and sweep.launcher == "slurm":
                 error = retry_first(error, sweep.root)
         views.append(JobState(job, state, run, error))
