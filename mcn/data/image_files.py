@@ -66,8 +66,19 @@ class BadFiles:
         return f"left out {n} file{'s' if n != 1 else ''} (data.on_bad_file=skip): {shown}{more}"
 
 
-def _is_image(path: Path) -> bool:
+def is_image(path: Path) -> bool:
+    """A file of an image format mcn decodes, not hidden."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def image_files_under(folder: Path) -> list[Path]:
+    """Every image file under `folder` (any depth), sorted; hidden files and folders (.ipynb_checkpoints, .git) are
+    left out, as they are no part of a data set."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -93,11 +104,7 @@ def scan_tree(folder: Path, classes: list[str], on_bad_file: str, bad: BadFiles)
     for label, name in enumerate(classes):
         if name not in found:
             continue
-        files = sorted(
-            p
-            for p in (folder / name).rglob("*")
-            if p.is_file() and _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        )  # hidden folders (.ipynb_checkpoints, .git) are not part of a class
+        files = image_files_under(folder / name)
         if not files:
             bad.add(
                 f"{folder / name}",

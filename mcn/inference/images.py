@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcn.data.image_files import IMAGE_EXTENSIONS, BadFiles, FileList, decode_into
+from mcn.data.image_files import IMAGE_EXTENSIONS, BadFiles, FileList, decode_into, image_files_under, is_image
 from mcn.errors import DataError
 from mcn.inference.rule import InputRule
 
@@ -38,16 +38,8 @@ class Inputs:
         return len(self.paths)
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def _folder(folder: Path, labels: str | None) -> Inputs:
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files = image_files_under(folder)
     if not files:
         raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); point at a folder of images")
     if labels == FOLDER_LABELS:
@@ -101,7 +93,7 @@ def gather(items: list[str | Path], labels: str | None = None) -> Inputs:
         elif path.is_file():
             found = Inputs([path], [path.parent.name if labels == FOLDER_LABELS else None])
         elif glob.has_magic(str(item)):
-            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if _is_image(Path(p)))
+            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if is_image(Path(p)))
             if not matches:
                 raise DataError(f"{item} matches no image files; check the pattern (quote it so the shell passes it)")
             found = Inputs(matches, [p.parent.name if labels == FOLDER_LABELS else None for p in matches])
