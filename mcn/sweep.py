@@ -23,16 +23,24 @@ from pathlib import Path
 from mcn import shell
 from mcn.cli import ArgumentParser, one_line_errors
 from mcn.cluster.jobs import job_states, plural, status_table, submitted_message
-from mcn.cluster.manifest import Sweep
+from mcn.cluster.manifest import Sweep, lock_sweep
 from mcn.cluster.slurm import require_slurm
 from mcn.errors import MCNError
 from mcn.search import launch as search_launch
 from mcn.search.folder import SearchFolder
 
 
+def open_sweep(folder: str) -> Sweep:
+    """The sweep in `folder`, saying so on stderr when its record had to be rebuilt."""
+    sweep = Sweep.open(folder)
+    if sweep.rebuilt:
+        print(f"mcn: {sweep.rebuilt}", file=sys.stderr, flush=True)
+    return sweep
+
+
 def status(folder: str, watch: float | None = None) -> int:
     """Print the table (every `watch` seconds until no job is queued or running); 1 when a job needs a retry."""
-    sweep = Sweep.open(folder)
+    sweep = open_sweep(folder)
     while True:
         views, from_slurm = job_states(sweep)
         table = status_table(sweep, views, from_slurm)
@@ -43,7 +51,9 @@ def status(folder: str, watch: float | None = None) -> int:
 
 
 def retry(folder: str) -> int:
-    sweep = Sweep.open(folder)
+    Sweep.open(folder)  # a sweep folder (or the line saying why not) before its lock is taken there
+    lock_sweep(Path(folder))  # no launch or cancel of the sweep meanwhile; sweep.json is written under it
+    sweep = open_sweep(folder)
     if sweep.launcher != "slurm":
         raise MCNError(
             f"{folder} ran on the {sweep.launcher} launcher; rerun its unfinished jobs with: {sweep.command}"
@@ -73,7 +83,9 @@ def retry(folder: str) -> int:
 
 
 def cancel(folder: str) -> int:
-    sweep = Sweep.open(folder)
+    Sweep.open(folder)  # a sweep folder (or the line saying why not) before its lock is taken there
+    lock_sweep(Path(folder))  # no submission of the sweep meanwhile: what it cancels is every job there is
+    sweep = open_sweep(folder)
     require_slurm("scancel")
     views, _ = job_states(sweep)
     live = [v.job.job_id for v in views if v.live]

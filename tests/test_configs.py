@@ -77,3 +77,24 @@ def test_cli_shows_epochs_and_slurm_resources(tmp_path):
         launcher.partition,
     ) == (720, 32, 4, 1, "gpu")
     assert launcher._target_.endswith("SlurmLauncher")
+
+
+@pytest.mark.parametrize(
+    "preset,wanted", [("quickstart", (30, 4, 2, None, None)), ("fashion_study", (60, 8, 2, None, None))]
+)
+def test_small_presets_ask_slurm_for_what_they_need(preset, wanted):
+    def asked(overrides):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            launcher = compose("train", overrides=overrides, return_hydra_config=True).hydra.launcher
+        return (
+            launcher.timeout_min,
+            launcher.mem_gb,
+            launcher.cpus_per_task,
+            launcher.gpus_per_node,
+            launcher.get("partition"),
+        )
+
+    assert asked([f"experiment={preset}", "hydra/launcher=slurm"]) == wanted  # no GPU, the default partition
+    assert asked([f"experiment={preset}", "hydra/launcher=slurm", "hydra.launcher.mem_gb=16"])[1] == 16  # typed wins
+    assert asked([f"experiment={preset}"]) == (120, None, 1, 0, None)  # the local launcher's, as before
+    assert asked(["hydra/launcher=slurm"]) == (720, 32, 4, 1, "gpu")  # the study's, as before

@@ -1,8 +1,8 @@
 """Against a live one-node Slurm (scripts/slurm-local/start-slurm.sh; .ci/run starts it).
 
-The production request (720 min, 32 GB, 4 CPUs, 1 GPU, partition gpu) goes through unchanged:
-the local cluster advertises fake resources. A sweep is submitted and the command returns; tests that
-need the jobs' results follow them with `python -m mcn.sweep status --watch` or launch with
+The sweeps are experiment=quickstart's, whose request (30 min, 4 GB, 2 CPUs, no GPU, the default partition;
+conf/hydra/launcher/slurm_request/) goes through unchanged. A sweep is submitted and the command returns; tests
+that need the jobs' results follow them with `python -m mcn.sweep status --watch` or launch with
 hydra.launcher.wait=true. Skipped where no cluster answers.
 """
 
@@ -56,8 +56,8 @@ LONG = ["fusion=multiplicative", "trainer.epochs=40", "trainer.save_every=10", "
 # a Slurm job and the in-process run it is compared with compute alike: same threads, precision and memory format
 LONG += ["trainer.num_threads=1", "trainer.precision=fp32", "trainer.channels_last=false"]
 START_SLURM = ROOT / "scripts" / "slurm-local" / "start-slurm.sh"
-# the guide's Slurm request (conf/hydra/launcher/slurm.yaml) as sbatch lines: every submission must carry it
-REQUEST = ("--time=720", "--mem=32GB", "--cpus-per-task=4", "--gpus-per-node=1", "--partition=gpu")
+# experiment=quickstart's Slurm request as sbatch lines: every submission must carry it, and no GPU or partition
+REQUEST = ("--time=30", "--mem=4GB", "--cpus-per-task=2")
 
 
 def sweep(args, cwd, env=ENV):
@@ -175,7 +175,7 @@ def test_sweep_returns_at_once_and_status_follows_it_to_the_end(tmp_path):
     queued = subprocess.run(["squeue", "-h", "-r", "-j", array, "-o", "%i %T"], capture_output=True, text=True)
     assert len(queued.stdout.splitlines()) == 4, queued.stdout
     assert not [cmd for cmd in processes_in(tmp_path) if "mcn.train" in cmd]
-    now = sweep_cli("status", sweep_dir, cwd=tmp_path)  # the node runs two at a time: some are still to come
+    now = sweep_cli("status", sweep_dir, cwd=tmp_path)  # two epochs take a while: some are still to come
     assert now.returncode == 0 and ("PENDING" in now.stdout or "RUNNING" in now.stdout), now.stdout + now.stderr
 
     proc, rows = follow(sweep_dir, tmp_path)
@@ -184,6 +184,7 @@ def test_sweep_returns_at_once_and_status_follows_it_to_the_end(tmp_path):
     script = next(sweep_dir.glob(".submitit/*/*_submission.sh")).read_text()
     for line in ("--array=0-3", *REQUEST):
         assert line in script
+    assert "--gpus" not in script and "--partition" not in script
     for num, fusion in enumerate(fusions):
         job = next(sweep_dir.glob(f"{num}_fusion={fusion},*"))
         results = json.loads((job / f"fusion_training_results_{fusion}.json").read_text())
@@ -565,3 +566,39 @@ def test_a_cancelled_search_reads_lost_and_its_retry_resumes_the_trial_counted_o
     (only,) = optuna.load_study(study_name="mcn", storage=storage).trials
     assert only.state.name == "COMPLETE"
     assert len(json.loads((folder / "search.json").read_text())["workers"][0]["job_ids"]) == 2
+
+
+def test_two_launches_of_one_sweep_name_at_once_submit_one_array_that_status_and_cancel_follow(tmp_path):
+    """Both launches start at the same instant; the jobs are held in the queue (no CPU spent) until cancelled."""
+    held = ["+hydra.launcher.additional_parameters.hold=true", "sweep.name=once", "trainer.epochs=1"]
+    procs = [sweep(["fusion=multiplicative,concatenation", *SLURM, *held], tmp_path) for _ in range(2)]
+    outs = [proc.communicate(timeout=180)[0] for proc in procs]
+    folder = tmp_path / "outputs" / "multirun" / "once"
+    ours = subprocess.run(["squeue", "-h", "-r", "-o", "%i %o"], capture_output=True, text=True).stdout.splitlines()
+    queued = [line.split()[0] for line in ours if str(folder) in line]
+    try:
+        assert sorted(proc.returncode for proc in procs) == [0, 2], outs
+        submitted, refused = outs if procs[0].returncode == 0 else outs[::-1]
+        array = re.search(r"mcn: submitted 2 jobs to Slurm as array (\d+)\n", submitted).group(1)
+        assert sorted(queued) == [f"{array}_0", f"{array}_1"]  # one array in the queue, the one on record
+        [error] = [line for line in refused.splitlines() if line.startswith("mcn: error:")]
+        assert error.startswith(f"mcn: error: sweep {folder} is live: Slurm array {array} has 2 jobs queued or ")
+        assert f"python -m mcn.sweep status {folder} --watch" in error and "Traceback" not in refused
+        script = next(folder.glob(".submitit/*/*_submission.sh")).read_text()
+        assert all(line in script for line in REQUEST) and "--gpus" not in script and "--partition" not in script
+
+        # the record, cut in half, is rebuilt with the array's ids; status and cancel act on that array
+        manifest = folder / "sweep.json"
+        manifest.write_text(manifest.read_text()[:100])
+        status = sweep_cli("status", folder, cwd=tmp_path)
+        assert [row.split()[1:3] for row in status.stdout.splitlines()[2:4]] == [
+            [f"{array}_{n}", "PENDING"] for n in range(2)
+        ], status.stdout + status.stderr
+        assert status.stderr.startswith(f"mcn: {manifest} is damaged (JSONDecodeError")
+        cancel = sweep_cli("cancel", folder, cwd=tmp_path)
+        assert cancel.stdout == f"mcn: cancelled 2 jobs: {array}_0 {array}_1\n", cancel.stdout + cancel.stderr
+    finally:
+        if queued:
+            subprocess.run(["scancel", *queued], check=False)
+    ended = subprocess.run(["squeue", "-h", "-r", "-j", array], capture_output=True, text=True).stdout
+    assert not ended.strip()

@@ -66,7 +66,8 @@ def test_bad_folders_and_commands_are_one_line(tmp_path):
     not_a_sweep = sweep_cli(["retry", str(tmp_path)], tmp_path)
     assert not_a_sweep.returncode == 2 and "is not a sweep folder (sweep.json missing" in not_a_sweep.stderr
     SweepFiles(tmp_path).manifest.write_text("{not json")
-    assert "is not a sweep folder" in sweep_cli(["status", str(tmp_path)], tmp_path).stderr
+    damaged = sweep_cli(["status", str(tmp_path)], tmp_path).stderr
+    assert f"{tmp_path / 'sweep.json'} is damaged (JSONDecodeError" in damaged and "launch the sweep again" in damaged
     Sweep(tmp_path, "local", str(tmp_path), ".submitit/%j", [SweepJob(0, ["fusion=a"], "0_fusion=a", ["123"])]).save()
     local = sweep_cli(["retry", str(tmp_path)], tmp_path)
     assert local.returncode == 2 and "ran on the local launcher; rerun its unfinished jobs with: cd " in local.stderr
@@ -104,3 +105,77 @@ def test_local_sweep_reports_a_failed_job_and_a_named_relaunch_skips_done_jobs(t
     manifest = json.loads(SweepFiles(relaunch).manifest.read_text())
     assert [len(j["job_ids"]) for j in manifest["jobs"]] == [1, 1]
     assert json.loads(next(relaunch.glob("1_fusion=TransformerBase*/run_status.json")).read_text())["state"] == "done"
+
+
+@pytest.mark.slow
+def test_a_damaged_or_lost_record_is_rebuilt_from_the_sweep_folder(tmp_path):
+    args = ["-m", "fusion=multiplicative,concatenation", *LOCAL, "trainer.batch_size=128", "sweep.name=kept"]
+    first = run_cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = tmp_path / "outputs" / "multirun" / "kept"
+    manifest = SweepFiles(folder).manifest
+    record, command, table = (
+        manifest.read_text(),
+        Sweep.open(folder).command,
+        sweep_cli(["status", str(folder)], tmp_path),
+    )
+    assert table.returncode == 0 and "2 COMPLETED" in table.stdout
+
+    for damage, why in [
+        (lambda: manifest.write_text(record[: len(record) // 2]), "is damaged"),
+        (manifest.unlink, "is missing"),
+    ]:
+        damage()
+        before = manifest.read_text() if manifest.exists() else None
+        status = sweep_cli(["status", str(folder)], tmp_path)
+        assert status.returncode == 0 and status.stdout == table.stdout  # the same jobs, ids, states and progress
+        assert status.stderr == f"mcn: {manifest} {why}" + status.stderr.split(why, 1)[1]
+        assert "; rebuilt it from" in status.stderr and status.stderr.count("\n") == 1
+        assert Sweep.open(folder).command == command  # the printed relaunch is the command as typed
+        local = sweep_cli(["retry", str(folder)], tmp_path)  # local: its hint is the relaunch
+        assert local.returncode == 2 and local.stderr.splitlines()[-1].endswith(command), local.stderr
+        assert (manifest.read_text() if manifest.exists() else None) == before  # a query writes nothing
+
+    # the relaunch finds both jobs done (nothing runs again) and writes the record back whole
+    relaunch = run_cli(args, tmp_path)
+    assert relaunch.returncode == 0 and "nothing to submit: every job" in relaunch.stdout, relaunch.stderr[-2000:]
+    assert _jobs(manifest.read_text()) == _jobs(record)
+
+    # nothing left to rebuild from: one line that says what is missing and how to write the record anew, which works
+    (folder / ".submitit" / "launcher.pkl").unlink()
+    manifest.write_text("{")
+    lost = sweep_cli(["status", str(folder)], tmp_path)
+    assert lost.returncode == 2 and lost.stderr.count("\n") == 1 and "Traceback" not in lost.stderr
+    assert "launcher.pkl, which it is rebuilt from, is missing too; launch the sweep again" in lost.stderr
+    assert run_cli(args, tmp_path).returncode == 0
+    assert [j["folder"] for j in _jobs(manifest.read_text())] == [j["folder"] for j in _jobs(record)]
+    rows = [line.split() for line in sweep_cli(["status", str(folder)], tmp_path).stdout.splitlines()[2:]]
+    # the same states and progress; a local job's id (a process id) is not in its run folder, a Slurm job's is
+    assert [[r[0], *r[2:]] for r in rows] == [[r[0], *r[2:]] for r in map(str.split, table.stdout.splitlines()[2:])]
+
+
+def _jobs(manifest_text: str) -> list[dict]:
+    return [
+        {k: j[k] for k in ("num", "overrides", "folder", "job_ids", "code")} for j in json.loads(manifest_text)["jobs"]
+    ]
+
+
+def test_a_sweep_held_by_another_launch_is_refused_in_one_line_after_a_wait(tmp_path):
+    from mcn.files import lock
+
+    Sweep(tmp_path, "slurm", str(tmp_path), ".submitit/%j", [SweepJob(0, ["fusion=a"], "0_fusion=a", ["7_0"])]).save()
+    record = SweepFiles(tmp_path).manifest.read_text()
+    lock.acquire(tmp_path)  # this process is "submitting" the sweep
+    try:
+        refused = sweep_cli(["cancel", str(tmp_path)], tmp_path)  # waits 30 s for the holder, then gives up
+    finally:
+        lock.release(tmp_path)
+    waiting, error = refused.stderr.splitlines()
+    assert refused.returncode == 2 and waiting.startswith(f"mcn: waiting for process {os.getpid()} on ")
+    assert error.startswith(
+        f"mcn: error: sweep {tmp_path} is being submitted, run or cancelled by process {os.getpid()}"
+    )
+    assert error.endswith(
+        f"follow it with python -m mcn.sweep status {tmp_path} --watch, and try again once that command has returned"
+    )
+    assert SweepFiles(tmp_path).manifest.read_text() == record

@@ -9,9 +9,11 @@ retried and relaunched in place (mcn.sweep), and says why in one line when it ca
   imports and composes its config from the copy, whether it starts at once, hours later, after a requeue or from
   `mcn.sweep retry`: PYTHONPATH names the copy (PYTHONSAFEPATH keeps a checkout in the working directory off
   sys.path, Python >= 3.11), and the Hydra context pickled with the launcher searches the copy's conf/.
-- Every sweep keeps a manifest in its folder (mcn.cluster.manifest.Sweep). Launching into a sweep folder that has one
-  (the same sweep.name, or hydra.sweep.dir) skips the jobs whose run is done and, on Slurm, those still
-  queued or running; the others start again in their own folders, where they resume from train_state.pth.
+- Every sweep keeps a manifest in its folder (mcn.cluster.manifest.Sweep), written under the folder's lock: one
+  launch of a sweep at a time (a second one waits for the first's submission), and none while jobs of it are queued
+  or running (one line names their array). Launching into a sweep folder that has one (the same sweep.name, or
+  hydra.sweep.dir) skips the jobs whose run is done; the others start again in their own folders, where they
+  resume from train_state.pth.
 - no `sbatch` on the PATH: name `hydra/launcher=local` instead of a traceback;
 - sbatch refuses the request (impossible resources, unknown partition): sbatch's own message;
 - a job fails (while waiting): one line per failed job (its overrides and error), then exit status 2 (bad
@@ -39,12 +41,12 @@ from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from mcn import shell
 from mcn.cli import fail as _fail
-from mcn.cluster.jobs import JobState, job_states, submitted_message
-from mcn.cluster.manifest import Sweep
+from mcn.cluster.jobs import JobState, job_states, live_refusal, submitted_message
+from mcn.cluster.manifest import Sweep, lock_sweep
 from mcn.cluster.slurm import last_error_line, max_array_size
 from mcn.cluster.submit import make_executor
 from mcn.errors import MCNError
-from mcn.files import RunFolder, read_status
+from mcn.files import RunFolder, lock, read_status
 from mcn.files.code import code_root, describe, snapshot_code, snapshot_environment
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ class _SweepLauncher(BaseSubmititLauncher):
         return snapshot_environment(self.code, pythonpath)
 
     def skip(self, view: JobState) -> bool:
-        """A relaunch skips the jobs whose run is done (a local sweep's jobs run nowhere else)."""
+        """A relaunch skips the jobs whose run is done (one with jobs queued or running is refused: live_refusal)."""
         return view.done
 
     def job_folder(self, num: int, overrides: list[str]) -> str:
@@ -153,12 +155,28 @@ class _SweepLauncher(BaseSubmititLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        try:
+            lock_sweep(sweep_dir)  # a second launch of the same sweep waits for this one's submission, then refuses
+        except MCNError as e:
+            _fail(str(e))
+        try:
+            return self._launch(sweep_dir, job_overrides, initial_job_idx)
+        finally:
+            lock.release(sweep_dir)
+
+    def _launch(self, sweep_dir: Path, job_overrides, initial_job_idx):
         sweep = Sweep.create_or_open(sweep_dir, self._EXECUTOR, self.params["submitit_folder"])
+        if sweep.rebuilt:
+            print(f"mcn: {sweep.rebuilt}", file=sys.stderr, flush=True)
         jobs = [
             sweep.add(num, list(overrides), self.job_folder(num, list(overrides)))
             for num, overrides in enumerate(job_overrides, initial_job_idx)
         ]
-        views, _ = job_states(sweep, jobs)
+        every, _ = job_states(sweep)  # the sweep's jobs on record, this command's among them
+        live = [v for v in every if v.live]
+        if live:
+            _fail(live_refusal(sweep_dir, live))
+        views = [next(v for v in every if v.job is job) for job in jobs]
         skipped = [v for v in views if self.skip(v)]
         todo = [v.job for v in views if not self.skip(v)]
         for v in views:
@@ -166,7 +184,7 @@ class _SweepLauncher(BaseSubmititLauncher):
             log.info(f"\t#{v.job.num} : {' '.join(filter_overrides(v.job.overrides))}{note}")
         sweep.save()
         if not todo:
-            print(f"mcn: nothing to submit: every job of {sweep_dir} is done or still queued or running")
+            print(f"mcn: nothing to submit: every job of {sweep_dir} is done")
             print(f"mcn: {shell.command('mcn.sweep', 'status', sweep_dir)}")
             return []
         self.freeze_code(sweep)
@@ -243,10 +261,6 @@ class MCNSlurmLauncher(_SweepLauncher):
     def __init__(self, wait: bool = False, **params) -> None:
         super().__init__(**params)
         self.wait = wait  # a hydra.launcher key of ours, not an sbatch parameter
-
-    def skip(self, view: JobState) -> bool:
-        """Done, or still queued or running."""
-        return not view.needs_submit
 
     def array_size(self) -> int | None:
         return max_array_size()

@@ -110,6 +110,25 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def arrays(job_ids: list[str]) -> str:
+    """Slurm job ids as their arrays (`array 5`, `arrays 5, 6`) or jobs (`job 7`, `jobs 7, 9`)."""
+    ids = sorted({i.split("_")[0] for i in job_ids}, key=int)
+    noun = "array" if all("_" in i for i in job_ids) else "job"
+    return f"{noun}{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
+
+
+def live_refusal(folder: Path, live: list[JobState]) -> str:
+    """The line refusing to launch a sweep again while jobs of it are queued or running (`live`)."""
+    folder = Path(folder).absolute()
+    states = ", ".join(f"#{v.job.num} {v.state}" for v in live)
+    return (
+        f"sweep {folder} is live: Slurm {arrays([v.job.job_id for v in live])} has {plural(len(live), 'job')} queued "
+        f"or running ({states}); one submission per sweep: follow it with "
+        f"{shell.command('mcn.sweep', 'status', folder, '--watch')}, and launch it again once it has ended (or after "
+        f"{shell.command('mcn.sweep', 'cancel', folder)})"
+    )
+
+
 def submitted_message(
     folder: str | Path,
     job_ids: list[str],
@@ -120,9 +139,7 @@ def submitted_message(
     retries: str = "failed, cancelled and timed-out jobs",
 ) -> str:
     """What was submitted and the commands that follow it (a sweep's jobs; a search's workers)."""
-    arrays = sorted({i.split("_")[0] for i in job_ids}, key=int)
-    what = f"array{'s' if len(arrays) > 1 else ''} {', '.join(arrays)}" if "_" in job_ids[0] else f"job {arrays[0]}"
-    lines = [f"mcn: submitted {plural(len(job_ids), noun)} to Slurm as {what}"]
+    lines = [f"mcn: submitted {plural(len(job_ids), noun)} to Slurm as {arrays(job_ids)}"]
     if skipped:
         lines[0] += f" (skipped {len(skipped)}: " + ", ".join(f"#{v.job.num} {v.state}" for v in skipped) + ")"
     lines += [
