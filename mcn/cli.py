@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mcn import distributed
 from mcn.errors import ConfigError, MCNError, StorageError
-from mcn.files import lock
+from mcn.files import HydraRecord, holds_no_run, lock
 from mcn.training.config import refuse_unknown_keys
 
 log = logging.getLogger("mcn")
@@ -60,6 +60,8 @@ def one_line_errors():
         if os.environ.get("SUBMITIT_EXECUTOR"):
             raise
         _remove_unstarted_run()
+        for record in _record:  # a refused command leaves an earlier run's record as it was
+            record.restore_unless_started()
         fail(message, status)
     except KeyboardInterrupt:
         _to_log_files("interrupted (Ctrl-C)")
@@ -117,6 +119,7 @@ class RunFolderCheck(Callback):
             created = [p for p in (folder, *folder.parents) if not p.exists()]
             _or_exit(lambda: lock.acquire(_writable(folder)))
             _created[:] = created
+            _record[:] = [HydraRecord.keep(folder)]  # Hydra rewrites it next, before a refused resume can say no
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _or_exit(lambda: refuse_unknown_keys(config))
@@ -136,17 +139,15 @@ def _refuse_chdir(config: DictConfig) -> None:
 
 
 _created: list[Path] = []  # the run folder this process created for its run, then each parent it created
-_HYDRA_ONLY = {".hydra", lock.LOCK_FILE}  # with *.log: what a run folder holds before its run starts
+_record: list[HydraRecord] = []  # the run folder's .hydra/ as it was before this command
 
 
 def _remove_unstarted_run() -> None:
     """A command refused before its run started (a value out of range) leaves no folder behind: the run folder this
     process created goes, with its parents that it created, while it holds only Hydra's record, logs and the lock."""
-    if not _created or not _created[0].is_dir():
+    if not _created or not _created[0].is_dir() or not holds_no_run(_created[0]):
         return
     folder = _created[0]
-    if any(p.name not in _HYDRA_ONLY and not p.name.endswith(".log") for p in folder.iterdir()):
-        return
     lock.release(folder)
     shutil.rmtree(folder, ignore_errors=True)
     for parent in _created[1:]:

@@ -58,12 +58,8 @@ def retry(folder: str) -> int:
         raise MCNError(
             f"{folder} ran on the {sweep.launcher} launcher; rerun its unfinished jobs with: {sweep.command}"
         )
-    moved = sweep.moved()
-    if moved:
-        raise MCNError(
-            f"{folder} was launched as {moved} and has moved since: its jobs would run in the old place; move it "
-            f"back ({shell.shell_join(['mv', folder, moved])}) or launch it again where it is: {sweep.command}"
-        )
+    if sweep.moved():
+        raise MCNError(sweep.moved_advice())
     require_slurm("sbatch")
     views, _ = job_states(sweep)
     todo = [v for v in views if v.needs_submit]

@@ -21,6 +21,8 @@ from mcn.files import read_csv
 from mcn.models import list_fusions
 from mcn.recipes import run_recipe
 from mcn.recipes.fusion import FusionRecipe
+from mcn.search.folder import SearchFolder
+from mcn.search.report import summary
 from mcn.search.space import as_overrides, search_space
 
 from helpers import CONF, compose_cfg, run_cli
@@ -204,6 +206,12 @@ def test_a_killed_worker_leaves_its_trial_lost_and_the_printed_relaunch_resumes_
     assert status.returncode == 1, status.stdout + status.stderr
     assert re.search(r"\n\s+0\s+LOST\s", status.stdout), status.stdout
     hint = re.search(r"lost trials resume when a worker asks for one: (.+)", status.stdout).group(1)
+    # while a worker is queued or running (a requeued one), it adopts the trial: no command to paste
+    search = SearchFolder.open(trial.parents[1])
+    assert summary(search, search.study(), live_workers=1)[-1] == (
+        "lost trials resume when a worker asks for its next trial: 1 worker is queued or running and will adopt "
+        "them; nothing to do"
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     pasted = subprocess.run(["sh", "-c", hint], cwd=elsewhere, env=ENV, text=True, capture_output=True, timeout=300)

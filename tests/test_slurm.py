@@ -20,9 +20,10 @@ import pytest
 import torch
 import yaml
 
+from mcn.files import lock
 from mcn.train import run
 
-from helpers import ROOT, compose_cfg, copy_checkout, pretrain_experts
+from helpers import ROOT, compose_cfg, copy_checkout, pretrain_experts, snapshot
 
 
 def cluster_up() -> bool:
@@ -275,14 +276,14 @@ def test_named_sweep_relaunch_skips_completed_jobs_and_resumes_the_others(tmp_pa
     args = [
         *SLURM,
         "fusion=multiplicative,concatenation",
-        "trainer.epochs=40",
+        "trainer.epochs=15",  # the second job is cancelled 2 epochs in: it must not be done by then
         "trainer.deterministic=true",
         "sweep.name=alpha_study",
         "hydra.launcher.array_parallelism=1",  # one job after the other
     ]
     _, sweep_dir = submit(args, tmp_path)
     assert sweep_dir == tmp_path / "outputs" / "multirun" / "alpha_study"
-    second, _ = wait_for_epochs(tmp_path, 2, pattern="1_*", fusion="concatenation")  # so the first one is done
+    second, _ = wait_for_epochs(tmp_path, 2, pattern="1_*", fusion="concatenation", timeout=600)  # the first is done
     cancel = sweep_cli("cancel", sweep_dir, cwd=tmp_path)
     assert re.fullmatch(r"mcn: cancelled 1 job: \d+_1\n", cancel.stdout), cancel.stdout + cancel.stderr
     first = next(sweep_dir.glob("0_fusion=multiplicative,*"))
@@ -295,7 +296,7 @@ def test_named_sweep_relaunch_skips_completed_jobs_and_resumes_the_others(tmp_pa
     assert (first / "train.log").read_text() == log_before  # the done job did not run again
     assert json.loads((first / "run_status.json").read_text())["starts"] == 1
     assert "resumed from" in (second / "train.log").read_text()
-    assert val_epochs(second, "concatenation") == [str(e) for e in range(1, 41)]
+    assert val_epochs(second, "concatenation") == [str(e) for e in range(1, 16)]
     manifest = json.loads((sweep_dir / "sweep.json").read_text())
     assert [len(job["job_ids"]) for job in manifest["jobs"]] == [1, 2]
     assert sorted(p.name for p in sweep_dir.parent.iterdir()) == ["alpha_study"]  # no new sweep folder
@@ -339,14 +340,15 @@ def test_sweep_larger_than_max_array_size_is_split_into_arrays(tmp_path, max_arr
 
 
 def test_time_limit_requeues_and_resumes(tmp_path):
-    """A real time limit: 1 minute, USR2 20 s before it (Slurm fires it 24-40 s into the minute); submitit
-    requeues the job and it resumes. Its epochs never run out, whatever the machine's speed, so the first run
-    always meets the limit; once the second run has resumed, the test cancels it."""
+    """A real time limit: 2 minutes, USR2 20 s before it (Slurm fires it up to ~16 s earlier); submitit requeues the
+    job and it resumes. Its epochs never run out, whatever the machine's speed, so the first run always meets the
+    limit, and 84 s or more leave a loaded machine time to start and save an epoch; once the second run has resumed, the
+    test cancels it."""
     args = ["fusion=multiplicative", "trainer.epochs=100000", *SLURM]
-    _, sweep_dir = submit([*args, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20"], tmp_path)
+    _, sweep_dir = submit([*args, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=20"], tmp_path)
     log = sweep_dir / json.loads((sweep_dir / "sweep.json").read_text())["jobs"][0]["folder"] / "train.log"
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 420
         while not (log.exists() and "resumed from" in log.read_text()) and time.time() < deadline:
             time.sleep(1)
         resumed = sweep_cli("status", sweep_dir, cwd=tmp_path).stdout.splitlines()[2].split()
@@ -433,6 +435,8 @@ def test_every_training_option_trains_in_a_two_task_job(tmp_path):
             "hydra.launcher.tasks_per_node=2",
             "hydra.launcher.wait=true",
             f"experts.dir={experts}",
+            "probe.epochs=3",  # the probe's path, at a fraction of its default 4 x 200 epochs
+            "probe.weight_decays=[0.0]",
             *EVERY_OPTION,
         ],
         tmp_path,
@@ -454,7 +458,7 @@ def test_held_and_retried_jobs_run_the_code_and_config_submitted_not_the_edited_
     out, sweep_dir = submit(["fusion=multiplicative,concatenation", *SLURM, *held], repo)
     array = re.search(r"mcn: submitted 2 jobs to Slurm as array (\d+)\n", out).group(1)
     code = json.loads((sweep_dir / "sweep.json").read_text())["code"]
-    snapshot = sweep_dir / ".code" / code
+    frozen = sweep_dir / ".code" / code
     quickstart = repo / "conf" / "experiment" / "quickstart.yaml"
     quickstart.write_text(quickstart.read_text().replace("  batch_size: 64 ", "  batch_size: 32 "))
     checkpoint = repo / "mcn" / "files" / "checkpoint.py"
@@ -480,10 +484,10 @@ def test_held_and_retried_jobs_run_the_code_and_config_submitted_not_the_edited_
         best = torch.load(job / f"best_complete_fusion_{fusion}.pth", weights_only=False)
         assert best["format"] == "mcn-checkpoint-v1"
         ran = json.loads((job / "run_status.json").read_text())["code"]
-        assert ran["hash"] == code and ran["path"] == str(snapshot)
+        assert ran["hash"] == code and ran["path"] == str(frozen)
     for script in sweep_dir.glob(".submitit/*/*_submission.sh"):  # the array's and the retry's
         text = script.read_text()
-        assert f"export PYTHONPATH={snapshot}${{PYTHONPATH:+:$PYTHONPATH}}\nexport PYTHONSAFEPATH=1\n" in text
+        assert f"export PYTHONPATH={frozen}${{PYTHONPATH:+:$PYTHONPATH}}\nexport PYTHONSAFEPATH=1\n" in text
 
 
 def test_a_search_array_with_a_preempted_worker_counts_every_trial_once_and_a_relaunch_submits_nothing(tmp_path):
@@ -602,3 +606,54 @@ def test_two_launches_of_one_sweep_name_at_once_submit_one_array_that_status_and
             subprocess.run(["scancel", *queued], check=False)
     ended = subprocess.run(["squeue", "-h", "-r", "-j", array], capture_output=True, text=True).stdout
     assert not ended.strip()
+
+
+def wait_until_requeued(job_id, folder, timeout=120):
+    """Once `scontrol requeuehold` has ended the job's process (its run folder's lock is free) and Slurm holds it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        if state.strip() == "PENDING" and lock.holder(folder) is None:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} was not requeued and held")
+
+
+def test_a_requeued_job_whose_run_folder_was_moved_refuses_and_leaves_the_moved_run_as_it_was(tmp_path):
+    _, sweep_dir = submit([*SLURM, "fusion=multiplicative", "trainer.epochs=40"], tmp_path)
+    folder, job_id = wait_for_epochs(tmp_path, 2)
+    subprocess.run(["scontrol", "requeuehold", job_id], check=True)
+    wait_until_requeued(job_id, folder)
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    before = snapshot(moved)
+    subprocess.run(["scontrol", "release", job_id], check=True)
+
+    proc, rows = follow(sweep_dir, tmp_path)
+    assert rows[0][1:3] == [job_id, "FAILED"], proc.stdout
+    [error] = [line.strip() for line in proc.stdout.split("\033[2J")[-1].splitlines() if "error:" in line]
+    assert f"was requeued (restart 1) but its run folder {folder} holds no run: it was moved or deleted" in error
+    assert f"move the run back there and resubmit with python -m mcn.sweep retry {sweep_dir}" in error
+    assert not folder.exists()  # the restart left nothing where the run was, so `mv` puts it back in place
+    assert snapshot(moved) == before
+
+
+def test_a_sweep_moved_before_its_job_started_says_where_it_was_launched_and_how_to_go_on(tmp_path):
+    held = ["+hydra.launcher.additional_parameters.hold=true", "trainer.epochs=1", "sweep.name=moving"]
+    _, launched = submit([*SLURM, "fusion=multiplicative", *held], tmp_path)
+    job_id = json.loads((launched / "sweep.json").read_text())["jobs"][0]["job_ids"][0]
+    moved = tmp_path / "elsewhere"
+    launched.rename(moved)
+    before = snapshot(moved)
+    subprocess.run(["scontrol", "release", job_id], check=True)
+
+    proc, rows = follow(moved, tmp_path)
+    assert rows[0][1:3] == [job_id, "FAILED"], proc.stdout
+    table = proc.stdout.split("\033[2J")[-1]
+    advice = f"{moved} was launched as {launched} and has moved since: its jobs run and look for their runs in the old "
+    assert f"error: it could not start in its folder: {advice}" in table, table
+    assert "retry" not in table  # a retry would submit into the old place
+    assert snapshot(moved) == before
+    # the printed relaunch, pasted from elsewhere, runs the job where the sweep is now
+    relaunch = table.rstrip().rsplit("launch it again where it is: ", 1)[1]
+    assert relaunch.startswith(f"cd {tmp_path} && python -m mcn.train -m ") and f"hydra.sweep.dir={moved}" in relaunch

@@ -3,31 +3,20 @@ files as they were, a run's identity holds what changes its result and not a stu
 refused before training leaves no run folder."""
 
 import csv
-import hashlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from mcn.files import read_status
+from mcn.files import HydraRecord, RunStatus, read_status
 
-from helpers import run_cli
+from helpers import run_cli, snapshot
 
 QUICK = ["experiment=quickstart", "logger=none", "trainer.progress_bar=false", "probe.enabled=false"]
 PY = os.path.dirname(sys.executable)
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` (lock files aside: a lock is taken by any process that looks) and its content hash."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".mcn.lock"
-    }
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -58,9 +47,7 @@ def test_a_study_grown_by_a_fusion_type_reuses_its_finished_runs_and_counts_all(
     assert four.returncode == 0, four.stderr[-3000:]
     assert four.stderr.count("this run is already done") == 3 or "already done" in four.stdout + four.stderr
     for name, files in before.items():  # the finished runs were read back, not trained or rewritten
-        assert {k: v for k, v in snapshot(fusion / name).items() if not k.startswith(".hydra")} == {
-            k: v for k, v in files.items() if not k.startswith(".hydra")
-        }, name
+        assert snapshot(fusion / name) == files, name
         assert read_status(fusion / name / "run_status.json")["state"] == "done"
     assert read_status(fusion / "3_fusion=multiplicativeShifted" / "run_status.json")["state"] == "done"
     report = run_cli([str(tmp_path / "study")], tmp_path, module="mcn.evaluate")
@@ -82,9 +69,8 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path):
     [line] = error_lines(refused.stderr)
     assert "written with another config" in line and "trainer.resume=force" in line
     after = snapshot(tmp_path / "run")
-    assert {k: v for k, v in after.items() if k != "train.log" and not k.startswith(".hydra")} == {
-        k: v for k, v in before.items() if k != "train.log" and not k.startswith(".hydra")
-    }
+    # Hydra's record (.hydra/) too: it rewrites it before mcn can refuse, and the refusal puts it back
+    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
     assert json.loads((tmp_path / "run" / "run_status.json").read_text())["state"] == "done"
 
 
@@ -203,3 +189,24 @@ def test_a_slurm_jobs_first_suggestion_is_the_retry_on_the_cluster(tmp_path):
     line = retry_first(f"{LOST}; continue it with: {local}", tmp_path / "sweep")
     retry = line.index(f"python -m mcn.sweep retry {tmp_path / 'sweep'}")
     assert retry < line.index(local) and "off the cluster" in line[retry:]
+
+
+def test_hydra_s_record_is_put_back_only_for_a_command_whose_run_did_not_start(tmp_path):
+    """What a sweep job and a single run do around Hydra's rewrite of .hydra/ (mcn.files.HydraRecord)."""
+    record = tmp_path / "run" / ".hydra" / "overrides.yaml"
+    record.parent.mkdir(parents=True)
+    record.write_text("- optim.weight_decay=0.1\n")
+    status = RunStatus(tmp_path / "run" / "run_status.json")
+    status.started(stage="fusion", fusion_type="multiplicative")
+    status.done()
+
+    kept = HydraRecord.keep(tmp_path / "run")
+    record.write_text("- optim.weight_decay=0.5\n")  # Hydra, for a command that is then refused
+    kept.restore_unless_started()
+    assert record.read_text() == "- optim.weight_decay=0.1\n"
+
+    kept = HydraRecord.keep(tmp_path / "run")
+    record.write_text("- trainer.epochs=3\n")  # Hydra, for a command whose run then starts (trainer.resume=force)
+    status.started(stage="fusion", fusion_type="multiplicative")
+    kept.restore_unless_started()
+    assert record.read_text() == "- trainer.epochs=3\n"

@@ -34,7 +34,7 @@ from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import open_dict
 
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
@@ -46,7 +46,7 @@ from mcn.cluster.manifest import Sweep, lock_sweep
 from mcn.cluster.slurm import last_error_line, max_array_size
 from mcn.cluster.submit import make_executor
 from mcn.errors import MCNError
-from mcn.files import RunFolder, lock, read_status
+from mcn.files import HydraRecord, RunFolder, lock, read_status
 from mcn.files.code import code_root, describe, snapshot_code, snapshot_environment
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,16 @@ class _SweepLauncher(BaseSubmititLauncher):
     def skip(self, view: JobState) -> bool:
         """A relaunch skips the jobs whose run is done (one with jobs queued or running is refused: live_refusal)."""
         return view.done
+
+    def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state) -> JobReturn:
+        """The job, in its process: Hydra rewrites the run folder's .hydra/ before the task can refuse to run there (a
+        resume whose config changed); a job that failed before its run started puts the earlier record back."""
+        Singleton.set_state(singleton_state)
+        record = HydraRecord.keep(Path(str(self.config.hydra.sweep.dir)) / self.job_folder(job_num, sweep_overrides))
+        ret = super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+        if ret.status == JobStatus.FAILED:
+            record.restore_unless_started()
+        return ret
 
     def job_folder(self, num: int, overrides: list[str]) -> str:
         """The job's run folder under the sweep folder, composed as the job will compose it."""

@@ -55,13 +55,18 @@ def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[J
             state = FROM_RUN_STATE.get(run.get("state"), "FAILED" if ended else "PENDING")
         error = None
         if state not in LIVE and run.get("state") != "done":
-            error = run.get("error")
+            # how the job's latest start ended, from submitit's result: Hydra hands a job's error back inside its
+            # JobReturn, so Slurm saw a refused job (one that never started its run) end well
+            error = result_error(sweep.job_file(job.job_id, "result.pkl")) if job.job_id else None
+            if error and state == "COMPLETED":
+                state = "FAILED"
+            error = error or run.get("error")
             log = sweep.job_file(job.job_id, "log.err") if job.job_id else None
             said = log.read_text(errors="replace")[-20000:] if log and log.exists() else None
-            if not error and said and said.strip():
+            if not error and said and said.strip():  # stderr holds every start's: its last error line comes last
                 error = last_error_line(said)
-            if not error and job.job_id:  # nothing on stderr: a job refused before its run started hands it back
-                error = result_error(sweep.job_file(job.job_id, "result.pkl"))
+            if not error and state != "UNSUBMITTED" and sweep.moved():  # Slurm had no folder to write its log in
+                error = f"it could not start in its folder: {sweep.moved_advice()}"
             if not error and said is not None:
                 error = last_error_line(said)  # "(no message)"
             if error and sweep.launcher == "slurm":
@@ -111,9 +116,10 @@ def plural(n: int, noun: str) -> str:
 
 
 def arrays(job_ids: list[str]) -> str:
-    """Slurm job ids as their arrays (`array 5`, `arrays 5, 6`) or jobs (`job 7`, `jobs 7, 9`)."""
+    """Slurm job ids as their arrays (`array 5`, `arrays 5, 6`) or jobs (`job 7`, `jobs 7, 9`). A sweep split at
+    MaxArraySize can end in a one-job array, which Slurm numbers as a plain job: it still reads `arrays 5, 6`."""
     ids = sorted({i.split("_")[0] for i in job_ids}, key=int)
-    noun = "array" if all("_" in i for i in job_ids) else "job"
+    noun = "array" if any("_" in i for i in job_ids) else "job"
     return f"{noun}{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
 
 
@@ -178,7 +184,9 @@ def status_table(sweep: Sweep, views: list[JobState], from_slurm: bool) -> str:
         if sweep.code and code and code["hash"] != sweep.code:
             ours = snapshot_version(sweep.files.code, sweep.code) or {"hash": sweep.code}
             lines.append(f"{'':>5}code: {describe(code)}, not the sweep's latest {describe(ours)}")
-    if any(v.needs_submit for v in views):
+    if sweep.moved():
+        lines.append(sweep.moved_advice())
+    elif any(v.needs_submit for v in views):
         lines.append(
             f"resubmit the failed ones: {shell.command('mcn.sweep', 'retry', sweep.root)}"
             if sweep.launcher == "slurm"

@@ -149,6 +149,18 @@ class Sweep:
             return self.origin
         return None
 
+    def moved_advice(self) -> str | None:
+        """The line for a sweep that has moved since its launch (None where it has not): its jobs, queued or
+        requeued, run and look for their runs in the old place, so a job that starts now fails there."""
+        moved = self.moved()
+        if not moved:
+            return None
+        return (
+            f"{self.root} was launched as {moved} and has moved since: its jobs run and look for their runs in the "
+            f"old place; move it back ({shell.shell_join(['mv', self.root, moved])}) or launch it again where it is: "
+            f"{self.command}"
+        )
+
     def add(self, num: int, overrides: list[str], folder: str) -> SweepJob:
         """The job that runs in `folder` (the one on record, or a new one)."""
         for job in self.jobs:

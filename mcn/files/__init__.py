@@ -27,6 +27,7 @@ from mcn.files.io import (
     TEMP_PATTERN,
     atomic_write,
     check_writable,
+    holds_no_run,
     load_file,
     move_earlier_run,
     read_csv,
@@ -48,7 +49,7 @@ from mcn.files.layout import (
     pretrained_expert_path,
 )
 from mcn.files.results import FusionResults
-from mcn.files.run_status import RunStatus, load_status, read_status
+from mcn.files.run_status import HydraRecord, RunStatus, load_status, read_status
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -60,6 +61,7 @@ __all__ = [
     "ExpertRunFiles",
     "FusionResults",
     "FusionRunFiles",
+    "HydraRecord",
     "RunFolder",
     "RunStatus",
     "SweepFiles",
@@ -69,6 +71,7 @@ __all__ = [
     "clean_state_dict",
     "extract_state_dict",
     "find_fusion_runs",
+    "holds_no_run",
     "load_checkpoint",
     "load_expert_file",
     "load_file",

@@ -75,6 +75,13 @@ EARLIER_RUNS = ".earlier_runs"  # where starting over (trainer.resume=never) mov
 _NOT_A_RUN_FILE = {".hydra", ".submitit", EARLIER_RUNS, LOCK_FILE}
 
 
+def holds_no_run(root: Path) -> bool:
+    """Whether `root` holds nothing of a run: only what a command writes before its run starts (Hydra's record,
+    submitit's files, the logs, the lock), or nothing at all."""
+    root = Path(root)
+    return not root.is_dir() or all(p.name in _NOT_A_RUN_FILE or p.suffix == ".log" for p in root.iterdir())
+
+
 def move_earlier_run(root: Path) -> Path | None:
     """Start over in `root`: every file an earlier run left there moves to `root/.earlier_runs/<time>/`, so
     none of it mixes with the new run's. Returns that folder, or None when there was nothing to move."""

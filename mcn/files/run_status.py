@@ -19,7 +19,8 @@ from pathlib import Path
 from mcn.errors import FileError, MCNError
 from mcn.files import lock
 from mcn.files.code import code_version
-from mcn.files.io import write_json
+from mcn.files.io import write_bytes, write_json
+from mcn.files.layout import RunFolder
 
 LOST = "the process ended without a word (killed, or its node failed)"
 STATES = ("running", "done", "failed", "interrupted", "lost")  # what `state` may say, as read back
@@ -95,3 +96,34 @@ class RunStatus:
 
     def interrupted(self, why: str) -> None:
         self._update(state="interrupted", error=why)
+
+
+class HydraRecord:
+    """Hydra's record of a command (`.hydra/` in its run folder: config, hydra and overrides YAML), which Hydra writes
+    before the command can refuse to run there (a resume whose config changed). `keep(folder)` reads the earlier
+    record and the run's status first; `restore_unless_started()` puts that record back when the status has not
+    changed since: the command was refused before its run started, so the folder stays as it was."""
+
+    def __init__(self, folder: Path, files: dict[Path, bytes], status: bytes | None):
+        self.folder, self.files, self.status = folder, files, status
+
+    @classmethod
+    def keep(cls, folder: str | Path) -> HydraRecord:
+        folder = Path(folder)
+        record = folder / ".hydra"
+        files = {p: p.read_bytes() for p in record.iterdir() if p.is_file()} if record.is_dir() else {}
+        return cls(folder, files, _bytes(RunFolder(folder).status))
+
+    def restore_unless_started(self) -> None:
+        if not self.files or _bytes(RunFolder(self.folder).status) != self.status:
+            return
+        for path, data in self.files.items():
+            with contextlib.suppress(MCNError):
+                write_bytes(path, data)
+
+
+def _bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import signal
 import threading
 from contextlib import contextmanager
 
 from mcn import distributed, shell
-from mcn.errors import ConfigError, MCNError, RunInterrupted
-from mcn.files import RunStatus, load_train_state, lock, move_earlier_run, read_status, remove_stale_temp_files
+from mcn.errors import ConfigError, MCNError, RunInterrupted, StorageError
+from mcn.files import (
+    RunFolder,
+    RunStatus,
+    SweepFiles,
+    holds_no_run,
+    load_train_state,
+    lock,
+    move_earlier_run,
+    read_status,
+    remove_stale_temp_files,
+)
 from mcn.terminal import HEADLINE
 from mcn.training.config import resume_changes, resume_refusal
 
@@ -31,6 +43,7 @@ def run_recipe(recipe) -> dict:
     # before any file is touched; the job's rank 0 holds it for every process of a multi-process job
     took = lock.acquire(root) if distributed.from_environment().rank == 0 else False
     try:
+        _refuse_lost_requeue(root)
         done = _results_when_done(recipe)
         if done is not None:
             return done
@@ -92,6 +105,31 @@ def _results_when_done(recipe) -> dict | None:
         extra=HEADLINE,
     )
     return results
+
+
+def _refuse_lost_requeue(root) -> None:
+    """StorageError when Slurm restarted this job (a requeue: preemption, time limit, node failure) and its run folder
+    holds no run: the run was moved or deleted since the job first started, and training from epoch 1 here would
+    leave it behind without a word. The folder this start recreated (Hydra's record, its log) is removed, so that
+    moving the run back puts it where it was; the moved run is not touched."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if not restarts or RunFolder(root).status.exists():
+        return
+    if distributed.is_main() and holds_no_run(root):
+        lock.release(root)
+        shutil.rmtree(root, ignore_errors=True)
+    sweep = root.parent.absolute()
+    resubmit = (
+        f"resubmit with {shell.command('mcn.sweep', 'retry', sweep)} (the same retry without moving it back starts it "
+        f"over)"
+        if SweepFiles(sweep).manifest.exists()
+        else "resubmit the job"
+    )
+    raise StorageError(
+        f"Slurm job {lock.slurm_job_id()} was requeued (restart {restarts}) but its run folder {root.absolute()} holds "
+        f"no run: it was moved or deleted after the job first started, so nothing was trained; move the run back "
+        f"there and {resubmit}"
+    )
 
 
 def _refuse_changed_resume(recipe) -> None:

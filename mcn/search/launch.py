@@ -211,12 +211,12 @@ def status(folder: str | Path, watch: float | None = None) -> int:
         states = slurm_states([w.job_id for w in search.workers if w.job_id]) if slurm else None
         if finished(search, study):
             report_once(search, study)
-        text = "\n".join(summary(search, study) + _worker_lines(search, slurm, states))
-        print(text if watch is None else "\033[H\033[2J" + time.strftime("%H:%M:%S ") + text, flush=True)
         if slurm:
-            live = any((states or {}).get(w.job_id) in LIVE for w in search.workers)
+            live = sum((states or {}).get(w.job_id) in LIVE for w in search.workers)
         else:  # local workers: one that runs holds its trial's folder
-            live = any(lock.holder(search.trial_folder(t.number)) for t in study.get_trials(deepcopy=False))
+            live = sum(lock.holder(search.trial_folder(t.number)) is not None for t in study.get_trials(deepcopy=False))
+        text = "\n".join(summary(search, study, live) + _worker_lines(search, slurm, states))
+        print(text if watch is None else "\033[H\033[2J" + time.strftime("%H:%M:%S ") + text, flush=True)
         if watch is None or not live:
             return 0 if finished(search, study) or live else 1
         time.sleep(watch)

@@ -68,8 +68,10 @@ def rerun_commands(search: SearchFolder, trial: FrozenTrial) -> list[str]:
     return [cd + shell.command("mcn.train", "-m", *args), cd + shell.command("mcn.evaluate", folder)]
 
 
-def summary(search: SearchFolder, study: optuna.Study) -> list[str]:
-    """The lines `mcn.sweep status` and `mcn.tune` print: counts, the best trial, one row per trial, the next step."""
+def summary(search: SearchFolder, study: optuna.Study, live_workers: int = 0) -> list[str]:
+    """The lines `mcn.sweep status` and `mcn.tune` print: counts, the best trial, one row per trial, the next step.
+    `live_workers`: how many of its workers are queued or running (a requeued one among them), which adopt lost
+    trials without a retry."""
     trials = study.get_trials(deepcopy=False)
     states = [trial_state(search, t) for t in trials]
     counts = {s: states.count(s) for s in ("COMPLETE", "PRUNED", "RUNNING", "LOST", "FAIL") if s in states}
@@ -102,6 +104,11 @@ def summary(search: SearchFolder, study: optuna.Study) -> list[str]:
                 f"rerun the best over seeds: {rerun}",
                 f"then its test results beside every baseline of the same experts: {report}",
             ]
+    elif "LOST" in states and live_workers:
+        lines.append(
+            f"lost trials resume when a worker asks for its next trial: {live_workers} worker"
+            f"{'s are' if live_workers > 1 else ' is'} queued or running and will adopt them; nothing to do"
+        )
     elif "LOST" in states:
         lines.append("lost trials resume when a worker asks for one: " + _continue_hint(search))
     return lines

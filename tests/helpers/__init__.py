@@ -1,5 +1,6 @@
 """What many tests share: config composition, the CLI as a subprocess, a CPU runtime, pretrained experts."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -124,3 +125,12 @@ def copy_checkout(dest: Path) -> Path:
     for name in CODE_DIRS:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (lock files aside: a lock is taken by any process that looks) and its content hash."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".mcn.lock"
+    }
