@@ -37,16 +37,6 @@ OFFLINE = [
     "probe.enabled=false",
 ]
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-# a fusion run of three epochs, saved after each; fp32, so that the CSV's numbers are the tracker's to the last digit
-FUSION = [
-    "experiment=quickstart",
-    "trainer.epochs=3",
-    "trainer.batch_size=64",
-    "trainer.progress_bar=false",
-    "probe.enabled=false",
-    "trainer.precision=fp32",
-    "trainer.channels_last=false",
-]
 
 
 def hint(output: str) -> str:
@@ -229,79 +219,83 @@ def test_only_rank_0_tracks(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-# `python -m mcn.train`, stopped (SIGSTOP) once epoch $STOP_AT is saved and before its tracker has it: the worst
-# moment for a kill, which the test then sends
-STOPPED_AT = """
-import os, runpy, signal, sys
+# expert 0's pretraining as compose_cfg(<argv 1>, <argv 3:>) composes it, in folder <argv 2>, in a process of its own
+# that stops itself (SIGSTOP) once epoch 2 is saved, before its tracker is told: the worst moment for a kill
+STOPPED_AT_EPOCH_2 = """
+import logging, os, signal, sys
+from pathlib import Path
+from helpers import compose_cfg
+from mcn.recipes import run_recipe
+from mcn.recipes.expert import ExpertRecipe
 from mcn.training.tracking import RunTracker
+
 log_epoch = RunTracker.log_epoch
 def stopped(self, epoch, *args):
-    if str(epoch) == os.environ.get("STOP_AT"):
+    if epoch == 2:
         os.kill(os.getpid(), signal.SIGSTOP)
     log_epoch(self, epoch, *args)
 RunTracker.log_epoch = stopped
-sys.argv[0] = "mcn.train"
-runpy.run_module("mcn.train", run_name="__main__", alter_sys=True)
+logging.basicConfig(level=logging.INFO)
+run_recipe(ExpertRecipe(compose_cfg(Path(sys.argv[1]), sys.argv[3:]), Path(sys.argv[2])))
 """
 
 
-def wandb_history(folders: list[Path], key: str) -> list[tuple[int, float]]:
-    """(step, value) of metric `key` in the history records of wandb offline folders, in order, read by wandb's own
-    reader of its transaction log (`wandb leet inspect --json`)."""
-    steps = []
+def wandb_history(folders: list[Path]) -> dict[str, list[tuple[int, float]]]:
+    """metric -> (step, value) of each value in the history records of wandb offline folders, in order, read by
+    wandb's own reader of its transaction log (`wandb leet inspect --json`)."""
+    steps = {}
     for folder in folders:
         records = subprocess.run(
             ["wandb", "leet", "inspect", "--json", str(folder)], env=VENV, capture_output=True, text=True, timeout=120
         )
         assert records.returncode == 0, records.stderr
         for record in map(json.loads, records.stdout.splitlines()):
-            if record["type"] == "history" and key in record["history"]["item"]:
-                steps.append((int(record["history"]["step"]["num"]), float(record["history"]["item"][key])))
+            if record["type"] == "history":
+                step = int(record["history"]["step"]["num"])
+                for key, value in record["history"]["item"].items():
+                    steps.setdefault(key, []).append((step, value))
     return steps
 
 
 @pytest.mark.parametrize("tracker", list(TRACKER_REGISTRY))
-def test_a_run_killed_before_its_tracker_had_an_epoch_resumes_with_every_csv_epoch_tracked_once(tracker, tmp_path):
-    root, store = tmp_path / "run", tmp_path / "out"
-    args = [*FUSION, f"logger={tracker}", f"hydra.run.dir={root}", f"paths.output_root={store}"]
-    args.append(f"paths.data_dir={tmp_path / 'data'}")
-    with open(tmp_path / "first.log", "w") as out:
+def test_a_run_killed_before_its_tracker_had_an_epoch_resumes_with_every_csv_epoch_tracked_once(
+    tracker, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="mcn")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root, log_file = tmp_path / "run", tmp_path / "first.log"
+    overrides = [f"logger={tracker}", "pretrain.epochs=3", hydra_override("paths.output_root", tmp_path / "out")]
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])  # tests/helpers too
+    with open(log_file, "w") as out:
         first = subprocess.Popen(
-            [sys.executable, "-c", STOPPED_AT, *args], cwd=tmp_path, env={**ENV, "STOP_AT": "2"}, stdout=out, stderr=out
+            [sys.executable, "-c", STOPPED_AT_EPOCH_2, str(tmp_path), str(root), *overrides],
+            env={**ENV, "PYTHONPATH": path},
+            stdout=out,
+            stderr=out,
         )
-        _, status = os.waitpid(first.pid, os.WUNTRACED)  # stopped with epoch 2 saved, its tracker not told
-        assert os.WIFSTOPPED(status), (tmp_path / "first.log").read_text()[-3000:]
-        (report,) = root.glob("fusion_*_report.csv")
+        _, status = os.waitpid(first.pid, os.WUNTRACED)  # epoch 2 saved, its tracker not told
+        assert os.WIFSTOPPED(status), log_file.read_text()[-3000:]
+        report = root / "expert_0_report.csv"
         assert [int(r["epoch"]) for r in read_csv(report) if r["phase"] == "val"] == [1, 2]
         first.kill()  # SIGKILL: no clean-up, no tracker flush
         first.wait(timeout=60)
 
-    resumed = subprocess.run(
-        [sys.executable, "-c", STOPPED_AT, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600
-    )
-    output = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0 and "Traceback" not in output, output[-3000:]
+    run_recipe(ExpertRecipe(compose_cfg(tmp_path, overrides), root))
     rows = [r for r in read_csv(report) if r["phase"] in ("train", "val")]
     assert [(r["phase"], int(r["epoch"])) for r in rows] == [(p, e) for e in (1, 2, 3) for p in ("train", "val")]
-    # the first start's wandb service wrote nothing: every epoch of it is sent again; the others held epoch 1
+    # the killed start's wandb service had written nothing: all its epochs are sent; the other trackers held epoch 1
     sent = [1, 2] if tracker == "wandb" else [2]
-    assert f"{tracker}: epochs {sent} sent from the epoch CSV (a kill came before it held them)" in output
+    assert f"{tracker}: epochs {sent} sent from the epoch CSV (a kill came before it held them)" in caplog.messages
 
-    line = next(line.split("] - ", 1)[1] for line in output.splitlines() if f"] - {tracker}: " in line)
+    line = next(m for m in caplog.messages if m.startswith(f"{tracker}: ") and "sent from the epoch CSV" not in m)
     if tracker == "wandb":  # the folders the sync command names hold every epoch; the killed start's is left out
-        command = line.split("to upload it later: ", 1)[1]
-        named = [Path(p) for p in shlex.split(command)[2:]]
+        named = [Path(p) for p in shlex.split(line.split("to upload it later: ", 1)[1])[2:]]
         killed, this = sorted(p.resolve() for p in root.glob("wandb/offline-run-*"))
-        assert named == [this] and killed not in named
-        assert "1 folder(s) of killed starts left out" in line
-        logged = {key: wandb_history(named, key) for key in ("train/loss", "val/loss", "head_lr")}
+        assert named == [this] and "1 folder(s) of killed starts left out" in line
+        logged = wandb_history(named)
     else:
-        logged = {key: history(tracker, root, line, key) for key in ("train/loss", "val/loss", "head_lr")}
-    for key, phase, column in (
-        ("train/loss", "train", "loss"),
-        ("val/loss", "val", "loss"),
-        ("head_lr", "val", "head_lr"),
-    ):
+        logged = {key: history(tracker, root, line, key) for key in ("train/loss", "val/loss", "lr")}
+    for key, phase, column in (("train/loss", "train", "loss"), ("val/loss", "val", "loss"), ("lr", "val", "lr")):
         kept = [(int(r["epoch"]), float(r[column])) for r in rows if r["phase"] == phase]
         assert [step for step, _ in sorted(logged[key])] == [epoch for epoch, _ in kept], key  # each epoch once
         assert [value for _, value in sorted(logged[key])] == pytest.approx([value for _, value in kept]), key
