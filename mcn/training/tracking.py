@@ -20,11 +20,12 @@ resumed job (the same run folder: requeue, Ctrl-C, retry) continues the same tra
 
 A tracker hears an epoch once its train state is saved (EpochLoop), so it never holds an epoch that a resume
 runs again. What a kill took before the tracker had it for good (an epoch saved but not logged yet; wandb's records,
-written only by its service, which a kill of the job leaves unwritten) a resume sends from the epoch CSV
+which its service writes in blocks, all of them only when the run finishes) a resume sends from the epoch CSV
 (`RunTracker.catch_up`), once, at the epoch's own step: the epochs each tracker's `held()` lacks, as the tracker
 tells them (TensorBoard's event files read as TensorBoard reads them, MLflow's metric history, the csv tracker's
-rows); wandb cannot be asked offline, so `<run>/wandb_logged.json` keeps the epochs and offline folders of the
-starts whose `finish` returned, and the `wandb sync` line names those folders and this start's only.
+rows). wandb is not asked (online it needs the network; offline a killed start's folder may hold some epochs):
+`<run>/wandb_logged.json` keeps the epochs and offline folders of the starts whose `finish` returned, and the
+`wandb sync` line names those folders and this start's only (online, wandb drops a resent step below the run's last).
 
 Summary values (the test metrics, the best epoch) have no step: a single point at step 0 in TensorBoard and
 MLflow, `summary.csv` for csv, the run's summary for wandb.
@@ -190,7 +191,8 @@ def _offline_folders(wandb_dir: Path, run_id: str) -> list[Path]:
 def offline_hint(sync_dir: Path, ended: list[Path], run_id: str) -> str:
     """Where this start's offline run lies, and the one command (quoted for a POSIX shell) that uploads the whole
     run as one wandb run: the folders of the earlier starts that ended (`ended`, oldest first), then this one. A
-    killed start's folder is left out: wandb had not written its records, and this start sends its epochs again."""
+    killed start's folder is left out: wandb may not have written all its records, and this start sends its epochs
+    again."""
     folders = [*ended, sync_dir]
     killed = len([f for f in _offline_folders(sync_dir.parent, run_id) if f not in folders])
     command = shlex.join(["wandb", "sync", *map(str, folders)])
