@@ -391,7 +391,7 @@ class CsvTracker:
         log.info("csv: metrics in %s, one row per step; the summary in %s", self.path, self.summary_path)
 
     def log(self, metrics: dict, step: int) -> None:
-        if not self.started:  # rows at or after this start's first step: epochs an earlier start never saved
+        if not self.started:  # rows at or after this start's first step: what it logs anew (a resend, a rerun)
             self.rows = [r for r in self.rows if int(r["step"]) < step]
             self.started = True
         row = next((r for r in self.rows if int(r["step"]) == step), None)
