@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mcn.errors import ConfigError
-from mcn.files import RunFolder, read_csv, read_status
+from mcn.files import EpochCsv, RunFolder, read_csv, read_status
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
 from mcn.shell import hydra_override
@@ -298,4 +298,44 @@ def test_a_run_killed_before_its_tracker_had_an_epoch_resumes_with_every_csv_epo
     for key, phase, column in (("train/loss", "train", "loss"), ("val/loss", "val", "loss"), ("lr", "val", "lr")):
         kept = [(int(r["epoch"]), float(r[column])) for r in rows if r["phase"] == phase]
         assert [step for step, _ in sorted(logged[key])] == [epoch for epoch, _ in kept], key  # each epoch once
+        assert [value for _, value in sorted(logged[key])] == pytest.approx([value for _, value in kept]), key
+
+
+@pytest.mark.parametrize("tracker", list(TRACKER_REGISTRY))
+def test_a_resume_sends_the_tracker_each_csv_epoch_it_lacks_once(tracker, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="mcn")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_cfg(tmp_path, [f"logger={tracker}", hydra_override("paths.output_root", tmp_path / "out")])
+    files, columns = RunFolder(tmp_path / "run"), ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"]
+    report = EpochCsv(tmp_path / "report.csv", columns)
+    for epoch in (1, 2, 3):
+        for phase in ("train", "val"):
+            loss = 1 / epoch + (phase == "val")
+            report.add({"phase": phase, "epoch": epoch, "loss": loss, "accuracy": epoch / 8, "lr": 0.3 / epoch})
+    rows = EpochCsv(report.path, columns).rows  # as a resume reads them: text
+
+    first = RunTracker(cfg, files, "unit")  # epoch 1 tracked, then the run stopped
+    first.log_epoch(1, {"loss": 1.0, "accuracy": 0.125}, {"loss": 2.0, "accuracy": 0.125}, {"lr": 0.3})
+    first.finish(failed=True)
+    for _ in range(2):  # the second resume finds every epoch held
+        resumed = RunTracker(cfg, files, "unit")
+        resumed.catch_up(rows, ["lr"])
+        resumed.finish()
+    sent = [m for m in caplog.messages if "sent from the epoch CSV" in m]
+    assert sent == [f"{tracker}: epochs [2, 3] sent from the epoch CSV (a kill came before it held them)"]
+
+    line = [m for m in caplog.messages if m.startswith(f"{tracker}: ") and m not in sent][-1]
+    if tracker == "wandb":  # the last start names the three folders, each start's, all ended
+        folders = [Path(p) for p in shlex.split(line.split("to upload them as one run: ", 1)[1])[2:]]
+        assert len(folders) == 3 and folders == sorted(p.resolve() for p in files.root.glob("wandb/offline-run-*"))
+        logged = wandb_history(folders)
+    else:
+        logged = {key: history(tracker, files.root, line, key) for key in ("train/loss", "val/accuracy", "lr")}
+    for key, phase, column in (
+        ("train/loss", "train", "loss"),
+        ("val/accuracy", "val", "accuracy"),
+        ("lr", "val", "lr"),
+    ):
+        kept = [(int(r["epoch"]), float(r[column])) for r in rows if r["phase"] == phase]
+        assert [step for step, _ in sorted(logged[key])] == [1, 2, 3], key  # each epoch once
         assert [value for _, value in sorted(logged[key])] == pytest.approx([value for _, value in kept]), key
