@@ -339,3 +339,22 @@ def test_a_resume_sends_the_tracker_each_csv_epoch_it_lacks_once(tracker, tmp_pa
         kept = [(int(r["epoch"]), float(r[column])) for r in rows if r["phase"] == phase]
         assert [step for step, _ in sorted(logged[key])] == [1, 2, 3], key  # each epoch once
         assert [value for _, value in sorted(logged[key])] == pytest.approx([value for _, value in kept]), key
+
+
+def test_an_mlflow_run_the_store_lacks_starts_anew_with_the_runs_earlier_epochs(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mcn")
+    cfg = compose_cfg(tmp_path, ["logger=mlflow", hydra_override("paths.output_root", tmp_path / "out")])
+    files = RunFolder(tmp_path / "run")
+    files.root.mkdir()
+    files.tracker_id("mlflow").write_text("0123456789abcdef")  # e.g. the store was deleted
+    report = EpochCsv(tmp_path / "report.csv", ["phase", "epoch", "loss", "lr", "elapsed_s"])
+    for epoch in (1, 2):
+        report.add({"phase": "val", "epoch": epoch, "loss": 1 / epoch, "lr": 0.1})
+    tracked = RunTracker(cfg, files, "unit")
+    tracked.catch_up(EpochCsv(report.path, report.columns).rows, ["lr"])
+    tracked.finish()
+    warning = f"mlflow: run 0123456789abcdef ({files.tracker_id('mlflow')}) is not in "
+    assert any(m.startswith(warning) and m.endswith("; starting a new run") for m in caplog.messages)
+    line = next(m for m in caplog.messages if m.startswith("mlflow: run ") and "view it with" in m)
+    assert line.split()[2] == files.tracker_id("mlflow").read_text() != "0123456789abcdef"
+    assert history("mlflow", files.root, line, "val/loss") == [(1, 1.0), (2, 0.5)]
