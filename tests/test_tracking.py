@@ -284,10 +284,12 @@ def test_a_run_killed_before_its_tracker_had_an_epoch_resumes_with_every_csv_epo
     rows = [r for r in read_csv(report) if r["phase"] in ("train", "val")]
     assert [(r["phase"], int(r["epoch"])) for r in rows] == [(p, e) for e in (1, 2, 3) for p in ("train", "val")]
     # the killed start's wandb service had written nothing: all its epochs are sent; the other trackers held epoch 1
-    sent = [1, 2] if tracker == "wandb" else [2]
-    assert f"{tracker}: epochs {sent} sent from the epoch CSV (a kill came before it held them)" in caplog.messages
+    sent = "1, 2" if tracker == "wandb" else "2"
+    assert f"{tracker}: sent epoch(s) {sent} from the epoch CSV, which it lacked" in caplog.messages
 
-    line = next(m for m in caplog.messages if m.startswith(f"{tracker}: ") and "sent from the epoch CSV" not in m)
+    line = next(
+        m for m in caplog.messages if m.startswith(f"{tracker}: ") and "from the epoch CSV, which it lacked" not in m
+    )
     if tracker == "wandb":  # the folders the sync command names hold every epoch; the killed start's is left out
         named = [Path(p) for p in shlex.split(line.split("to upload it later: ", 1)[1])[2:]]
         killed, this = sorted(p.resolve() for p in root.glob("wandb/offline-run-*"))
@@ -321,8 +323,8 @@ def test_a_resume_sends_the_tracker_each_csv_epoch_it_lacks_once(tracker, tmp_pa
         resumed = RunTracker(cfg, files, "unit")
         resumed.catch_up(rows, ["lr"])
         resumed.finish()
-    sent = [m for m in caplog.messages if "sent from the epoch CSV" in m]
-    assert sent == [f"{tracker}: epochs [2, 3] sent from the epoch CSV (a kill came before it held them)"]
+    sent = [m for m in caplog.messages if "from the epoch CSV, which it lacked" in m]
+    assert sent == [f"{tracker}: sent epoch(s) 2, 3 from the epoch CSV, which it lacked"]
 
     line = [m for m in caplog.messages if m.startswith(f"{tracker}: ") and m not in sent][-1]
     if tracker == "wandb":  # the last start names the three folders, each start's, all ended

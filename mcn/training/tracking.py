@@ -93,9 +93,10 @@ class RunTracker:
         held = self.tracker.held()
         missing = {e: parts for e, parts in _csv_epochs(rows, set(roles)).items() if e not in held}
         if missing:
-            log.info(
-                "%s: epochs %s sent from the epoch CSV (a kill came before it held them)", self.kind, list(missing)
-            )
+            epochs = sorted(missing)
+            span = len(epochs) > 2 and epochs[-1] - epochs[0] == len(epochs) - 1  # a run of epochs: its two ends
+            which = f"{epochs[0]} to {epochs[-1]}" if span else ", ".join(map(str, epochs))
+            log.info("%s: sent epoch(s) %s from the epoch CSV, which it lacked", self.kind, which)
         for epoch, parts in sorted(missing.items()):
             self.log_epoch(epoch, *parts)
 
