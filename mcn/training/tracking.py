@@ -1,7 +1,8 @@
-"""Experiment tracking: `RunTracker` is what the recipes construct and call (`log`, `summary`, `finish`); it hands
-every call to the tracker `logger.name` picks (`TRACKERS`), on rank 0 only. Each tracker works offline, prints one
-line at its start saying where the run lies (with the command that shows it, quoted for a POSIX shell), and a
-resumed job (the same run folder: requeue, Ctrl-C, retry) continues the same tracked run:
+"""Experiment tracking: `RunTracker` is what the recipes construct and call (`log`, `summary`, `finish`; EpochLoop:
+`log_epoch`, `catch_up`); it hands every call to the tracker `logger.name` picks (`TRACKERS`), on rank 0 only. Each
+tracker works offline, prints one line at its start saying where the run lies (with the command that shows it,
+quoted for a POSIX shell), and a resumed job (the same run folder: requeue, Ctrl-C, retry, kill) continues the same
+tracked run:
 
 - `wandb` (offline unless WANDB_MODE says otherwise): each start writes a folder of its own under `<run>/wandb/`
   (`offline-run-<time>-<id>`), all with the run's id, kept in `<run>/wandb_run_id.txt`. `wandb sync` given all of
