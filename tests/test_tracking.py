@@ -257,6 +257,7 @@ def wandb_history(folders: list[Path]) -> dict[str, list[tuple[int, float]]]:
     return steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tracker", list(TRACKER_REGISTRY))
 def test_a_run_killed_before_its_tracker_had_an_epoch_resumes_with_every_csv_epoch_tracked_once(
     tracker, tmp_path, monkeypatch, caplog
