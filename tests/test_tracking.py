@@ -3,6 +3,7 @@ reader (wandb through the CLI: the sync command it prints names every offline fo
 prints is quoted so that it can be pasted into a POSIX shell."""
 
 import csv
+import json
 import logging
 import os
 import shlex
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from mcn.errors import ConfigError
-from mcn.files import RunFolder, read_csv, read_status
+from mcn.files import EpochCsv, RunFolder, read_csv, read_status
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
 from mcn.shell import hydra_override
 from mcn.training.loop import EpochLoop
+from mcn.training.tracking import TRACKERS as TRACKER_REGISTRY
 from mcn.training.tracking import RunTracker
 
 from helpers import compose_cfg
@@ -123,16 +125,14 @@ def history(tracker: str, root: Path, line: str, key: str) -> list[tuple[int, fl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tracker", TRACKERS)
-def test_a_run_stopped_between_logging_and_saving_an_epoch_resumes_as_one_tracked_run(
-    tracker, tmp_path, monkeypatch, caplog
-):
+def test_a_run_stopped_while_saving_an_epoch_resumes_as_one_tracked_run(tracker, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="mcn")
     root, store = tmp_path / "a run's folder", tmp_path / "out put's"  # a quote and spaces: still pasted
     overrides = [f"logger={tracker}", "pretrain.epochs=3", hydra_override("paths.output_root", store)]
     save_state = EpochLoop.save_state
 
     def stopped_at_epoch_2(loop, epoch, *args, **kwargs):
-        if epoch == 2:  # epoch 2 is logged, never saved: as a job killed between the two
+        if epoch == 2:  # epoch 2 is in the report CSV, never saved: as a job killed while saving it
             raise KeyboardInterrupt
         save_state(loop, epoch, *args, **kwargs)
 
@@ -140,7 +140,7 @@ def test_a_run_stopped_between_logging_and_saving_an_epoch_resumes_as_one_tracke
     with pytest.raises(KeyboardInterrupt):
         run_recipe(ExpertRecipe(compose_cfg(tmp_path, overrides), root))
     first = start_line(caplog, tracker)
-    assert [step for step, _ in history(tracker, root, first, "val/accuracy")] == [1, 2]
+    assert [step for step, _ in history(tracker, root, first, "val/accuracy")] == [1]  # a tracker hears saved epochs
     if tracker == "mlflow":
         assert mlflow_run(first)[1].info.status == "KILLED"
     caplog.clear()
@@ -152,9 +152,6 @@ def test_a_run_stopped_between_logging_and_saving_an_epoch_resumes_as_one_tracke
     # what the run kept: epoch 1 of the first start, epochs 2 and 3 of the second (the report CSV holds the same)
     report = [(int(r["epoch"]), float(r["loss"])) for r in read_csv(recipe.files.report) if r["phase"] == "train"]
     logged = history(tracker, root, first, "train/loss")
-    if tracker == "mlflow":  # append-only: the unsaved epoch 2 stays beside its rerun
-        assert [step for step, _ in logged] == [1, 2, 2, 3]
-        logged = [logged[0], *logged[2:]]
     assert [step for step, _ in logged] == [step for step, _ in report] == [1, 2, 3]
     assert [value for _, value in logged] == pytest.approx([value for _, value in report])
 
@@ -220,3 +217,147 @@ def test_only_rank_0_tracks(tmp_path, monkeypatch):
     tracked.log({"val/accuracy": 0.5}, 1)
     tracked.finish()
     assert not (tmp_path / "run").exists()
+
+
+# expert 0's pretraining as compose_cfg(<argv 1>, <argv 3:>) composes it, in folder <argv 2>, in a process of its own
+# that stops itself (SIGSTOP) once epoch 2 is saved, before its tracker is told: the worst moment for a kill
+STOPPED_AT_EPOCH_2 = """
+import logging, os, signal, sys
+from pathlib import Path
+from helpers import compose_cfg
+from mcn.recipes import run_recipe
+from mcn.recipes.expert import ExpertRecipe
+from mcn.training.tracking import RunTracker
+
+log_epoch = RunTracker.log_epoch
+def stopped(self, epoch, *args):
+    if epoch == 2:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    log_epoch(self, epoch, *args)
+RunTracker.log_epoch = stopped
+logging.basicConfig(level=logging.INFO)
+run_recipe(ExpertRecipe(compose_cfg(Path(sys.argv[1]), sys.argv[3:]), Path(sys.argv[2])))
+"""
+
+
+def wandb_history(folders: list[Path]) -> dict[str, list[tuple[int, float]]]:
+    """metric -> (step, value) of each value in the history records of wandb offline folders, in order, read by
+    wandb's own reader of its transaction log (`wandb leet inspect --json`)."""
+    steps = {}
+    for folder in folders:
+        records = subprocess.run(
+            ["wandb", "leet", "inspect", "--json", str(folder)], env=VENV, capture_output=True, text=True, timeout=120
+        )
+        assert records.returncode == 0, records.stderr
+        for record in map(json.loads, records.stdout.splitlines()):
+            if record["type"] == "history":
+                step = int(record["history"]["step"]["num"])
+                for key, value in record["history"]["item"].items():
+                    steps.setdefault(key, []).append((step, value))
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tracker", list(TRACKER_REGISTRY))
+def test_a_run_killed_before_its_tracker_had_an_epoch_resumes_with_every_csv_epoch_tracked_once(
+    tracker, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="mcn")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root, log_file = tmp_path / "run", tmp_path / "first.log"
+    overrides = [f"logger={tracker}", "pretrain.epochs=3", hydra_override("paths.output_root", tmp_path / "out")]
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])  # tests/helpers too
+    with open(log_file, "w") as out:
+        first = subprocess.Popen(
+            [sys.executable, "-c", STOPPED_AT_EPOCH_2, str(tmp_path), str(root), *overrides],
+            env={**ENV, "PYTHONPATH": path},
+            stdout=out,
+            stderr=out,
+        )
+        _, status = os.waitpid(first.pid, os.WUNTRACED)  # epoch 2 saved, its tracker not told
+        assert os.WIFSTOPPED(status), log_file.read_text()[-3000:]
+        report = root / "expert_0_report.csv"
+        assert [int(r["epoch"]) for r in read_csv(report) if r["phase"] == "val"] == [1, 2]
+        first.kill()  # SIGKILL: no clean-up, no tracker flush
+        first.wait(timeout=60)
+
+    run_recipe(ExpertRecipe(compose_cfg(tmp_path, overrides), root))
+    rows = [r for r in read_csv(report) if r["phase"] in ("train", "val")]
+    assert [(r["phase"], int(r["epoch"])) for r in rows] == [(p, e) for e in (1, 2, 3) for p in ("train", "val")]
+    # the killed start's wandb service had written nothing: all its epochs are sent; the other trackers held epoch 1
+    sent = "1, 2" if tracker == "wandb" else "2"
+    assert f"{tracker}: sent epoch(s) {sent} from the epoch CSV, which it lacked" in caplog.messages
+
+    line = next(
+        m for m in caplog.messages if m.startswith(f"{tracker}: ") and "from the epoch CSV, which it lacked" not in m
+    )
+    if tracker == "wandb":  # the folders the sync command names hold every epoch; the killed start's is left out
+        named = [Path(p) for p in shlex.split(line.split("to upload it later: ", 1)[1])[2:]]
+        killed, this = sorted(p.resolve() for p in root.glob("wandb/offline-run-*"))
+        assert named == [this] and "1 folder(s) of killed starts left out" in line
+        logged = wandb_history(named)
+    else:
+        logged = {key: history(tracker, root, line, key) for key in ("train/loss", "val/loss", "lr")}
+    for key, phase, column in (("train/loss", "train", "loss"), ("val/loss", "val", "loss"), ("lr", "val", "lr")):
+        kept = [(int(r["epoch"]), float(r[column])) for r in rows if r["phase"] == phase]
+        assert [step for step, _ in sorted(logged[key])] == [epoch for epoch, _ in kept], key  # each epoch once
+        assert [value for _, value in sorted(logged[key])] == pytest.approx([value for _, value in kept]), key
+
+
+@pytest.mark.parametrize("tracker", list(TRACKER_REGISTRY))
+def test_a_resume_sends_the_tracker_each_csv_epoch_it_lacks_once(tracker, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="mcn")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_cfg(tmp_path, [f"logger={tracker}", hydra_override("paths.output_root", tmp_path / "out")])
+    files, columns = RunFolder(tmp_path / "run"), ["phase", "epoch", "loss", "accuracy", "lr", "elapsed_s"]
+    report = EpochCsv(tmp_path / "report.csv", columns)
+    for epoch in (1, 2, 3):
+        for phase in ("train", "val"):
+            loss = 1 / epoch + (phase == "val")
+            report.add({"phase": phase, "epoch": epoch, "loss": loss, "accuracy": epoch / 8, "lr": 0.3 / epoch})
+    rows = EpochCsv(report.path, columns).rows  # as a resume reads them: text
+
+    first = RunTracker(cfg, files, "unit")  # epoch 1 tracked, then the run stopped
+    first.log_epoch(1, {"loss": 1.0, "accuracy": 0.125}, {"loss": 2.0, "accuracy": 0.125}, {"lr": 0.3})
+    first.finish(failed=True)
+    for _ in range(2):  # the second resume finds every epoch held
+        resumed = RunTracker(cfg, files, "unit")
+        resumed.catch_up(rows, ["lr"])
+        resumed.finish()
+    sent = [m for m in caplog.messages if "from the epoch CSV, which it lacked" in m]
+    assert sent == [f"{tracker}: sent epoch(s) 2, 3 from the epoch CSV, which it lacked"]
+
+    line = [m for m in caplog.messages if m.startswith(f"{tracker}: ") and m not in sent][-1]
+    if tracker == "wandb":  # the last start names the three folders, each start's, all ended
+        folders = [Path(p) for p in shlex.split(line.split("to upload them as one run: ", 1)[1])[2:]]
+        assert len(folders) == 3 and folders == sorted(p.resolve() for p in files.root.glob("wandb/offline-run-*"))
+        logged = wandb_history(folders)
+    else:
+        logged = {key: history(tracker, files.root, line, key) for key in ("train/loss", "val/accuracy", "lr")}
+    for key, phase, column in (
+        ("train/loss", "train", "loss"),
+        ("val/accuracy", "val", "accuracy"),
+        ("lr", "val", "lr"),
+    ):
+        kept = [(int(r["epoch"]), float(r[column])) for r in rows if r["phase"] == phase]
+        assert [step for step, _ in sorted(logged[key])] == [1, 2, 3], key  # each epoch once
+        assert [value for _, value in sorted(logged[key])] == pytest.approx([value for _, value in kept]), key
+
+
+def test_an_mlflow_run_the_store_lacks_starts_anew_with_the_runs_earlier_epochs(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mcn")
+    cfg = compose_cfg(tmp_path, ["logger=mlflow", hydra_override("paths.output_root", tmp_path / "out")])
+    files = RunFolder(tmp_path / "run")
+    files.root.mkdir()
+    files.tracker_id("mlflow").write_text("0123456789abcdef")  # e.g. the store was deleted
+    report = EpochCsv(tmp_path / "report.csv", ["phase", "epoch", "loss", "lr", "elapsed_s"])
+    for epoch in (1, 2):
+        report.add({"phase": "val", "epoch": epoch, "loss": 1 / epoch, "lr": 0.1})
+    tracked = RunTracker(cfg, files, "unit")
+    tracked.catch_up(EpochCsv(report.path, report.columns).rows, ["lr"])
+    tracked.finish()
+    warning = f"mlflow: run 0123456789abcdef ({files.tracker_id('mlflow')}) is not in "
+    assert any(m.startswith(warning) and m.endswith("; starting a new run") for m in caplog.messages)
+    line = next(m for m in caplog.messages if m.startswith("mlflow: run ") and "view it with" in m)
+    assert line.split()[2] == files.tracker_id("mlflow").read_text() != "0123456789abcdef"
+    assert history("mlflow", files.root, line, "val/loss") == [(1, 1.0), (2, 0.5)]

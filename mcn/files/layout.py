@@ -26,6 +26,10 @@ class RunFolder:
         """Where tracker `tracker` (wandb, mlflow) keeps the id of the run it tracks, so a resumed job continues it."""
         return self.root / f"{tracker}_run_id.txt"
 
+    def tracker_logged(self, tracker: str) -> Path:
+        """What tracker `tracker` (wandb) is known to hold for good, for a tracker that cannot be asked itself."""
+        return self.root / f"{tracker}_logged.json"
+
     @property
     def status(self) -> Path:
         return self.root / "run_status.json"

@@ -447,6 +447,7 @@ class EpochLoop:
             first, best, before = 1, {"epoch": 0, "val_accuracy": -1.0}, 0.0
         self.last_saved, self.saved = first - 1, state is not None
         r.report.keep_until(self.last_saved if state else -1)  # rows after the saved state belong to no run any more
+        r.tracker.catch_up(r.report.rows, self.learning_rates())  # the epochs a kill took before the tracker had them
         if state and state.get("finished") and not resume_changes(state["config"], r.config):
             # the loop had ended (the process died after it); trainer.resume=force with new values trains on
             log.info("the epoch loop had ended after epoch %d; going on after it", state["epoch"])
@@ -481,10 +482,6 @@ class EpochLoop:
                 for phase, metrics in (("train", train), ("val", val)):
                     r.report.add({"phase": phase, "epoch": epoch, **metrics, **lrs, "elapsed_s": round(elapsed, 2)})
                 self.check_finite(epoch, train, val, lrs)
-                r.tracker.log(
-                    {**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()}, **lrs},
-                    epoch,
-                )
                 if val[r.monitor] > best["val_accuracy"]:
                     best = {"epoch": epoch, "val_accuracy": val[r.monitor]}
                     r.save_best(epoch, val)
@@ -509,6 +506,7 @@ class EpochLoop:
                     r.save_checkpoint(epoch, val)
                 # the judge hears every epoch once its state is saved; the last one ends the run anyway (never pruned)
                 self.save_state(epoch, best, elapsed, finished=stop)
+                r.tracker.log_epoch(epoch, train, val, lrs)  # once saved: a resume never runs a tracked epoch again
                 self.last_saved = epoch
                 self.status.progress(epoch, epochs, best)
                 if self.judge is not None and self.judge(epoch, val) and epoch < epochs:
@@ -549,11 +547,11 @@ class EpochLoop:
         self.check_finite(0, val, val, self.learning_rates())
         # no learning rates in its row: epoch 0 did not use the stage's (the probe's are in its record)
         r.report.add({"phase": "val", "epoch": 0, **val, "elapsed_s": round(elapsed, 2)})
-        r.tracker.log({f"val/{k}": v for k, v in val.items()}, 0)
         best = {"epoch": 0, "val_accuracy": val[r.monitor]}
         r.save_best(0, val)
         log.info("epoch 0  val loss %.4f acc %.4f | %.1fs", val["loss"], val[r.monitor], elapsed)
         self.save_state(0, best, elapsed)
+        r.tracker.log_epoch(0, {}, val, {})
         self.status.progress(0, self.epochs, best)
         if self.judge is not None and self.judge(0, val):
             self.pruned = True

@@ -1,24 +1,32 @@
-"""Experiment tracking: `RunTracker` is what the recipes construct and call (`log`, `summary`, `finish`); it hands
-every call to the tracker `logger.name` picks (`TRACKERS`), on rank 0 only. Each tracker works offline, prints one
-line at its start saying where the run lies (with the command that shows it, quoted for a POSIX shell), and a
-resumed job (the same run folder: requeue, Ctrl-C, retry) continues the same tracked run:
+"""Experiment tracking: `RunTracker` is what the recipes construct and call (`log`, `summary`, `finish`; EpochLoop:
+`log_epoch`, `catch_up`); it hands every call to the tracker `logger.name` picks (`TRACKERS`), on rank 0 only. Each
+tracker works offline, prints one line at its start saying where the run lies (with the command that shows it,
+quoted for a POSIX shell), and a resumed job (the same run folder: requeue, Ctrl-C, retry, kill) continues the same
+tracked run:
 
 - `wandb` (offline unless WANDB_MODE says otherwise): each start writes a folder of its own under `<run>/wandb/`
   (`offline-run-<time>-<id>`), all with the run's id, kept in `<run>/wandb_run_id.txt`. `wandb sync` given all of
   them uploads them as one run (wandb >= 0.28.1: the folders of one id are replayed in order of their start, each
-  one continuing the history the run has), so the line a start prints names them all.
+  one continuing the history the run has), so the line a start prints names them all (but a killed start's).
 - `tensorboard`: event files in `<run>/tensorboard/`, one more per start, read by TensorBoard as one run. A start
   marks its first step as a restart (`purge_step`), so TensorBoard hides what an earlier start logged at or after
-  it: an epoch logged but never saved (the job killed before its train state was written) is shown once, as rerun.
+  it: an epoch sent again is shown once.
 - `mlflow`: one MLflow run in `logger.tracking_uri` (by default a SQLite file, `<paths.output_root>/mlflow.db`:
   no server, and MLflow 3 keeps its file store in maintenance only), its id kept in `<run>/mlflow_run_id.txt`. The
   resolved config goes in as params at the first start (MLflow's params cannot change); metrics carry the epoch
-  as their step; the run ends FINISHED, FAILED or KILLED (interrupted: a resume sets it RUNNING again). MLflow's
-  history is append-only, so an epoch logged but never saved keeps its first value beside the rerun's.
+  as their step; the run ends FINISHED, FAILED or KILLED (interrupted: a resume sets it RUNNING again).
 - `csv`: `<run>/csv/metrics.csv`, one row per step (`step`, then a column per metric, as Lightning's CSVLogger
   writes), and `<run>/csv/summary.csv`, one row; each rewritten whole and renamed into place, so no row is ever
-  half-written. A start drops the rows at or after its first step (an epoch logged but never saved) before it
-  writes its own: no step is there twice.
+  half-written. A start drops the rows at or after its first step before it writes its own: no step is there twice.
+
+A tracker hears an epoch once its train state is saved (EpochLoop), so it never holds an epoch that a resume
+runs again. What a kill took before the tracker had it for good (an epoch saved but not logged yet; wandb's records,
+which its service writes in blocks, all of them only when the run finishes) a resume sends from the epoch CSV
+(`RunTracker.catch_up`), once, at the epoch's own step: the epochs each tracker's `held()` lacks, as the tracker
+tells them (TensorBoard's event files read as TensorBoard reads them, MLflow's metric history, the csv tracker's
+rows). wandb is not asked (online it needs the network; offline a killed start's folder may hold some epochs):
+`<run>/wandb_logged.json` keeps the epochs and offline folders of the starts whose `finish` returned, and the
+`wandb sync` line names those folders and this start's only (online, wandb drops a resent step below the run's last).
 
 Summary values (the test metrics, the best epoch) have no step: a single point at step 0 in TensorBoard and
 MLflow, `summary.csv` for csv, the run's summary for wandb.
@@ -29,21 +37,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import logging
 import os
 import shlex
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from mcn import distributed
 from mcn.errors import ConfigError
-from mcn.files import RunFolder, read_csv, read_status, write_csv, write_text
+from mcn.files import RunFolder, read_csv, read_status, write_csv, write_json, write_text
 from mcn.training.config import RESUME_IGNORES, resolved
 
 log = logging.getLogger(__name__)
+
+EPOCH_KEY = "val/loss"  # logged for every epoch (epoch 0 too), in one call with the rest: its steps are the epochs held
 
 
 class RunTracker:
@@ -52,8 +64,8 @@ class RunTracker:
     `logger.name` is none of them."""
 
     def __init__(self, cfg: DictConfig, files: RunFolder, name: str):
-        self.tracker, self.files = None, files
         kind = cfg.logger.name
+        self.tracker, self.files, self.kind = None, files, kind
         if kind != "none" and kind not in TRACKERS:
             raise ConfigError(
                 f"logger.name={kind!r} is not a tracker; known: none, {', '.join(TRACKERS)} (e.g. logger=tensorboard)"
@@ -64,6 +76,30 @@ class RunTracker:
     def log(self, metrics: dict, step: int) -> None:
         if self.tracker is not None:
             self.tracker.log(metrics, step)
+
+    def log_epoch(self, epoch: int, train: dict, val: dict, rates: dict) -> None:
+        """Epoch `epoch` at step `epoch`: its training and validation metrics (`train/<metric>`, `val/<metric>`) and
+        its learning rates (role -> rate). EpochLoop logs an epoch once its state is saved, so a tracker never holds
+        an epoch a resume runs again."""
+        self.log(
+            {**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()}, **rates}, epoch
+        )
+
+    def catch_up(self, rows: list[dict], roles: Iterable[str]) -> None:
+        """Send the tracker every epoch of `rows` (the run's epoch CSV, mcn.files.EpochCsv, as a resume keeps it) that
+        it does not hold, in order, each at its own epoch as step: those a kill took before the tracker had them for
+        good. `roles`: the CSV's learning-rate columns."""
+        if self.tracker is None or not rows:
+            return
+        held = self.tracker.held()
+        missing = {e: parts for e, parts in _csv_epochs(rows, set(roles)).items() if e not in held}
+        if missing:
+            epochs = sorted(missing)
+            span = len(epochs) > 2 and epochs[-1] - epochs[0] == len(epochs) - 1  # a run of epochs: its two ends
+            which = f"{epochs[0]} to {epochs[-1]}" if span else ", ".join(map(str, epochs))
+            log.info("%s: sent epoch(s) %s from the epoch CSV, which it lacked", self.kind, which)
+        for epoch, parts in sorted(missing.items()):
+            self.log_epoch(epoch, *parts)
 
     def summary(self, metrics: dict) -> None:
         if self.tracker is not None:
@@ -80,9 +116,26 @@ class RunTracker:
         self.tracker = None
 
 
+def _csv_epochs(rows: list[dict], roles: set[str]) -> dict[int, tuple[dict, dict, dict]]:
+    """epoch -> (train metrics, val metrics, rates), as EpochLoop logged them, from the rows it wrote for them
+    (`phase`, `epoch`, the phase's metrics, the rates, `elapsed_s`; an empty cell: a metric the phase lacks)."""
+    epochs: dict[int, tuple[dict, dict, dict]] = {}
+    for row in rows:
+        if row["phase"] not in ("train", "val"):
+            continue
+        train, val, rates = epochs.setdefault(int(row["epoch"]), ({}, {}, {}))
+        for key, value in row.items():
+            if key in ("phase", "epoch", "elapsed_s") or value in ("", None):
+                continue
+            (rates if key in roles else train if row["phase"] == "train" else val)[key] = float(value)
+    return epochs
+
+
 class WandbTracker:
     def __init__(self, cfg: DictConfig, files: RunFolder, name: str):
-        self.run = None
+        self.run, self.logged_path, self.steps = None, files.tracker_logged("wandb"), []
+        # the epochs and offline folders of the starts whose finish returned: only then is what they logged on disk
+        self.logged = json.loads(self.logged_path.read_text()) if self.logged_path.exists() else {}
         if cfg.logger.mode == "disabled":
             return
         import wandb
@@ -102,22 +155,33 @@ class WandbTracker:
             tags=list(cfg.logger.tags),
             settings=wandb.Settings(silent=True),  # its files are kept; its ~28 lines of chatter per run are not
         )
-        if cfg.logger.mode == "offline":
-            log.info("wandb: %s", offline_hint((files.root / self.run.settings.sync_dir).resolve(), run_id))
+        self.folder = (files.root / self.run.settings.sync_dir).resolve()
+        self.offline = cfg.logger.mode == "offline"
+        if self.offline:
+            ended = [self.folder.parent / f for f in self.logged.get("folders", [])]
+            log.info("wandb: %s", offline_hint(self.folder, [f for f in ended if f.is_dir()], run_id))
         else:
             log.info("wandb: logging to %s", self.run.url)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:
             self.run.log(metrics, step=step)
+            self.steps.append(step)
+
+    def held(self) -> set[int]:
+        return set(self.logged.get("epochs", []))
 
     def summary(self, metrics: dict) -> None:
         if self.run is not None:
             self.run.summary.update(metrics)
 
     def finish(self, state: str) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=0 if state == "done" else 1)
+        if self.run is None:
+            return
+        self.run.finish(exit_code=0 if state == "done" else 1)  # returns once every record is written (or sent)
+        epochs = sorted({*self.logged.get("epochs", []), *self.steps})
+        folders = [*self.logged.get("folders", []), *([self.folder.name] if self.offline else [])]
+        write_json(self.logged_path, {"epochs": epochs, "folders": folders})
 
 
 def _offline_folders(wandb_dir: Path, run_id: str) -> list[Path]:
@@ -126,15 +190,21 @@ def _offline_folders(wandb_dir: Path, run_id: str) -> list[Path]:
     return sorted(p for p in wandb_dir.glob(f"offline-run-*-{run_id}") if p.is_dir())
 
 
-def offline_hint(sync_dir: Path, run_id: str) -> str:
+def offline_hint(sync_dir: Path, ended: list[Path], run_id: str) -> str:
     """Where this start's offline run lies, and the one command (quoted for a POSIX shell) that uploads the whole
-    run, every start of it, as one wandb run."""
-    folders = _offline_folders(sync_dir.parent, run_id) or [sync_dir]  # [sync_dir]: should wandb name them otherwise
+    run as one wandb run: the folders of the earlier starts that ended (`ended`, oldest first), then this one. A
+    killed start's folder is left out: wandb may not have written all its records, and this start sends its epochs
+    again."""
+    folders = [*ended, sync_dir]
+    killed = len([f for f in _offline_folders(sync_dir.parent, run_id) if f not in folders])
     command = shlex.join(["wandb", "sync", *map(str, folders)])
+    left_out = (
+        f"; {killed} folder(s) of killed starts left out, their epochs are sent again by this one" if killed else ""
+    )
     if len(folders) == 1:
-        return f"offline run in {sync_dir}; to upload it later: {command}"
+        return f"offline run in {sync_dir}{left_out}; to upload it later: {command}"
     return (
-        f"offline run in {sync_dir} (run {run_id} has {len(folders)} offline folders, one per start); "
+        f"offline run in {sync_dir} (run {run_id} has {len(folders)} offline folders, one per start{left_out}); "
         f"to upload them as one run: {command}"
     )
 
@@ -157,6 +227,16 @@ class TensorBoardTracker:
 
     def log(self, metrics: dict, step: int) -> None:
         self._write(metrics, step, purge_step=step)
+
+    def held(self) -> set[int]:
+        """The epochs the event files hold, as TensorBoard reads them (what a later start purged left out)."""
+        if not self.dir.is_dir():
+            return set()
+        from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+        events = EventAccumulator(str(self.dir), size_guidance={SCALARS: 0})  # 0: every step, none sampled away
+        events.Reload()
+        return {e.step for e in events.Scalars(EPOCH_KEY)} if EPOCH_KEY in events.Tags()[SCALARS] else set()
 
     def summary(self, metrics: dict) -> None:
         self._write(metrics, 0, purge_step=None)  # no step to take over from: a start that logs none purges none
@@ -295,6 +375,9 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def held(self) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, EPOCH_KEY)}
+
     def summary(self, metrics: dict) -> None:
         self.log(metrics, 0)
 
@@ -310,7 +393,7 @@ class CsvTracker:
         log.info("csv: metrics in %s, one row per step; the summary in %s", self.path, self.summary_path)
 
     def log(self, metrics: dict, step: int) -> None:
-        if not self.started:  # rows at or after this start's first step: epochs an earlier start never saved
+        if not self.started:  # rows at or after this start's first step: what it logs anew (a resend, a rerun)
             self.rows = [r for r in self.rows if int(r["step"]) < step]
             self.started = True
         row = next((r for r in self.rows if int(r["step"]) == step), None)
@@ -319,6 +402,9 @@ class CsvTracker:
         else:
             row.update(metrics)
         write_csv(self.path, _columns(self.rows), self.rows)
+
+    def held(self) -> set[int]:
+        return {int(r["step"]) for r in self.rows if r.get(EPOCH_KEY) not in ("", None)}
 
     def summary(self, metrics: dict) -> None:
         write_csv(self.summary_path, list(metrics), [metrics])
