@@ -211,6 +211,16 @@ class Sweep:
         return self.root / self.logs.replace("%j", job_id) / f"{job_id}_0_{name}"
 
 
+def runs_job(run_folder: Path, job_id: str | None) -> bool:
+    """Whether the sweep record beside `run_folder` (sweep.json in its parent) has Slurm job `job_id` running in it:
+    the folder is that job's own, not one the job made for a run of its own choosing (a search worker's trial)."""
+    try:
+        manifest = json.loads(SweepFiles(Path(run_folder).parent).manifest.read_text())
+        return any(job["folder"] == Path(run_folder).name and job_id in job["job_ids"] for job in manifest["jobs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def lock_sweep(folder: Path, wait_s: float = 30.0) -> None:
     """One launch, retry or cancel of a sweep at a time, and sweep.json written by that one: this process takes the
     sweep folder's lock (mcn.files.lock, released with `lock.release(folder)` or when the process ends), waiting up to

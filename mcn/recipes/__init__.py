@@ -15,11 +15,11 @@ import threading
 from contextlib import contextmanager
 
 from mcn import distributed, shell
+from mcn.cluster.manifest import runs_job
 from mcn.errors import ConfigError, MCNError, RunInterrupted, StorageError
 from mcn.files import (
     RunFolder,
     RunStatus,
-    SweepFiles,
     holds_no_run,
     load_train_state,
     lock,
@@ -108,27 +108,23 @@ def _results_when_done(recipe) -> dict | None:
 
 
 def _refuse_lost_requeue(root) -> None:
-    """StorageError when Slurm restarted this job (a requeue: preemption, time limit, node failure) and its run folder
-    holds no run: the run was moved or deleted since the job first started, and training from epoch 1 here would
-    leave it behind without a word. The folder this start recreated (Hydra's record, its log) is removed, so that
-    moving the run back puts it where it was; the moved run is not touched."""
+    """StorageError when Slurm restarted this job (a requeue: preemption, time limit, node failure), the job is the
+    one its sweep's record runs in this folder, and the folder holds no run: the run was moved or deleted since the
+    job first started, and training from epoch 1 here would leave it behind without a word. (A search worker's
+    later trials are new runs of a restarted job: they start as usual.) The folder this start recreated (Hydra's
+    record, its log) is removed, so that moving the run back puts it where it was; the moved run is not touched."""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    if not restarts or RunFolder(root).status.exists():
+    job_id = lock.slurm_job_id()
+    if not restarts or RunFolder(root).status.exists() or not runs_job(root, job_id):
         return
     if distributed.is_main() and holds_no_run(root):
         lock.release(root)
         shutil.rmtree(root, ignore_errors=True)
-    sweep = root.parent.absolute()
-    resubmit = (
-        f"resubmit with {shell.command('mcn.sweep', 'retry', sweep)} (the same retry without moving it back starts it "
-        f"over)"
-        if SweepFiles(sweep).manifest.exists()
-        else "resubmit the job"
-    )
+    retry = shell.command("mcn.sweep", "retry", root.parent.absolute())
     raise StorageError(
-        f"Slurm job {lock.slurm_job_id()} was requeued (restart {restarts}) but its run folder {root.absolute()} holds "
-        f"no run: it was moved or deleted after the job first started, so nothing was trained; move the run back "
-        f"there and {resubmit}"
+        f"Slurm job {job_id} was requeued (restart {restarts}) but its run folder {root.absolute()} holds no run: it "
+        f"was moved or deleted after the job first started, so nothing was trained; move the run back there and "
+        f"resubmit with {retry} (the same retry without moving it back starts it over)"
     )
 
 
