@@ -58,8 +58,9 @@ def retry(folder: str) -> int:
         raise MCNError(
             f"{folder} ran on the {sweep.launcher} launcher; rerun its unfinished jobs with: {sweep.command}"
         )
-    if sweep.moved():
-        raise MCNError(sweep.moved_advice())
+    moved = sweep.moved_advice()
+    if moved:
+        raise MCNError(moved)
     require_slurm("sbatch")
     views, _ = job_states(sweep)
     todo = [v for v in views if v.needs_submit]

@@ -91,10 +91,15 @@ def sweep_cli(*args, cwd, timeout=60):
     )
 
 
+def last_screen(out):
+    """What `status --watch` showed last: the text after its final clear-screen."""
+    return out.split("\033[2J")[-1]
+
+
 def follow(folder, cwd, timeout=400):
     """`status --watch` until no job is queued or running: the final table's rows {job number: columns}."""
     proc = sweep_cli("status", folder, "--watch", "1", cwd=cwd, timeout=timeout)
-    table = proc.stdout.split("\033[2J")[-1].splitlines()
+    table = last_screen(proc.stdout).splitlines()
     rows = {int(line.split()[0]): line.split() for line in table if re.match(r"\s+\d+\s", line)}
     return proc, rows
 
@@ -513,7 +518,7 @@ def test_a_search_array_with_a_preempted_worker_counts_every_trial_once_and_a_re
     preempt(job_id)
 
     status = sweep_cli("status", folder, "--watch", "1", cwd=tmp_path, timeout=600)
-    final = status.stdout.split("\033[2J")[-1]
+    final = last_screen(status.stdout)
     assert status.returncode == 0 and "3 of 3 trials taken: 3 complete" in final, final + status.stderr
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(folder / "study.journal")))
     trials = optuna.load_study(study_name="mcn", storage=storage).trials
@@ -558,7 +563,7 @@ def test_a_cancelled_search_reads_lost_and_its_retry_resumes_the_trial_counted_o
     retried = sweep_cli("retry", folder, cwd=tmp_path)
     assert retried.returncode == 0 and "mcn: submitted 1 worker to Slurm" in retried.stdout, retried.stderr
     done = sweep_cli("status", folder, "--watch", "1", cwd=tmp_path, timeout=400)
-    assert done.returncode == 0 and "1 of 1 trials taken: 1 complete" in done.stdout.split("\033[2J")[-1]
+    assert done.returncode == 0 and "1 of 1 trials taken: 1 complete" in last_screen(done.stdout)
     again = sweep_cli("retry", folder, cwd=tmp_path)
     assert again.returncode == 2
     assert again.stderr == f"mcn: error: nothing to retry in {folder}: the search is finished\n"
@@ -631,7 +636,7 @@ def test_a_requeued_job_whose_run_folder_was_moved_refuses_and_leaves_the_moved_
 
     proc, rows = follow(sweep_dir, tmp_path)
     assert rows[0][1:3] == [job_id, "FAILED"], proc.stdout
-    [error] = [line.strip() for line in proc.stdout.split("\033[2J")[-1].splitlines() if "error:" in line]
+    [error] = [line.strip() for line in last_screen(proc.stdout).splitlines() if "error:" in line]
     assert f"was requeued (restart 1) but its run folder {folder} holds no run: it was moved or deleted" in error
     assert f"move the run back there and resubmit with python -m mcn.sweep retry {sweep_dir}" in error
     assert not folder.exists()  # the restart left nothing where the run was, so `mv` puts it back in place
@@ -649,11 +654,11 @@ def test_a_sweep_moved_before_its_job_started_says_where_it_was_launched_and_how
 
     proc, rows = follow(moved, tmp_path)
     assert rows[0][1:3] == [job_id, "FAILED"], proc.stdout
-    table = proc.stdout.split("\033[2J")[-1]
+    table = last_screen(proc.stdout)
     advice = f"{moved} was launched as {launched} and has moved since: its jobs run and look for their runs in the old "
     assert f"error: it could not start in its folder: {advice}" in table, table
     assert "retry" not in table  # a retry would submit into the old place
     assert snapshot(moved) == before
-    # the printed relaunch, pasted from elsewhere, runs the job where the sweep is now
+    # the printed relaunch starts with `cd` (it pastes from any folder) and names the sweep where it is now
     relaunch = table.rstrip().rsplit("launch it again where it is: ", 1)[1]
     assert relaunch.startswith(f"cd {tmp_path} && python -m mcn.train -m ") and f"hydra.sweep.dir={moved}" in relaunch

@@ -44,6 +44,7 @@ class JobState:
 def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[JobState], bool]:
     """(every job's view, whether Slurm was asked)."""
     jobs = sweep.jobs if jobs is None else jobs
+    moved = sweep.moved_advice()
     slurm = slurm_states([j.job_id for j in jobs if j.job_id]) if sweep.launcher == "slurm" else None
     views = []
     for job in jobs:
@@ -65,8 +66,8 @@ def job_states(sweep: Sweep, jobs: list[SweepJob] | None = None) -> tuple[list[J
             said = log.read_text(errors="replace")[-20000:] if log and log.exists() else None
             if not error and said and said.strip():  # stderr holds every start's: its last error line comes last
                 error = last_error_line(said)
-            if not error and state != "UNSUBMITTED" and sweep.moved():  # Slurm had no folder to write its log in
-                error = f"it could not start in its folder: {sweep.moved_advice()}"
+            if not error and state != "UNSUBMITTED" and moved:  # Slurm had no folder to write its log in
+                error = f"it could not start in its folder: {moved}"
             if not error and said is not None:
                 error = last_error_line(said)  # "(no message)"
             if error and sweep.launcher == "slurm":
@@ -184,8 +185,9 @@ def status_table(sweep: Sweep, views: list[JobState], from_slurm: bool) -> str:
         if sweep.code and code and code["hash"] != sweep.code:
             ours = snapshot_version(sweep.files.code, sweep.code) or {"hash": sweep.code}
             lines.append(f"{'':>5}code: {describe(code)}, not the sweep's latest {describe(ours)}")
-    if sweep.moved():
-        lines.append(sweep.moved_advice())
+    moved = sweep.moved_advice()
+    if moved:
+        lines.append(moved)
     elif any(v.needs_submit for v in views):
         lines.append(
             f"resubmit the failed ones: {shell.command('mcn.sweep', 'retry', sweep.root)}"
