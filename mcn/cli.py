@@ -17,9 +17,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from mcn import distributed
+from mcn import configs, distributed  # noqa: F401  (configs: registers the config schema with Hydra)
 from mcn.errors import ConfigError, MCNError, StorageError
 from mcn.files import HydraRecord, holds_no_run, lock
+from mcn.schema import check_config, composition_error
 from mcn.training.config import refuse_unknown_keys
 
 log = logging.getLogger("mcn")
@@ -85,7 +86,7 @@ def hydra_command(main: Callable[[], None]) -> None:
         known = f"; known: {', '.join(e.options)}" if e.options else ""
         fail(f"{str(e).splitlines()[0]}{known}")
     except (HydraException, OmegaConfBaseException) as e:
-        fail(config_error(e))
+        fail(composition_error(e) or config_error(e))
     except ValueError as e:  # Hydra's check of its own flags (-m with --cfg or --info) is a plain ValueError
         if not str(e).startswith("Only one of --run"):
             raise
@@ -113,6 +114,7 @@ class RunFolderCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         _or_exit(lambda: refuse_unknown_keys(config))
+        _or_exit(lambda: check_config(config))
         _or_exit(lambda: _refuse_chdir(config))
         if distributed.from_environment().rank == 0:  # several processes (torchrun, Slurm tasks): rank 0 holds it
             folder = Path(str(config.hydra.run.dir)).absolute()

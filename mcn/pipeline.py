@@ -31,8 +31,9 @@ from mcn.models import ExpertSpec
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe, apply_family_recipe, check_pretrained_expert
 from mcn.recipes.fusion import FusionRecipe
+from mcn.schema import check_config
 from mcn.terminal import HEADLINE, show_on_terminal
-from mcn.training.config import check_values, config_changes, expert_specs, resolved
+from mcn.training.config import config_changes, expert_specs, resolved
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str], output_dir: str | Path) 
     """The study once per seed of `pipeline.seeds` (each seed: its own experts, its own fusion runs), then
     the summary over all of them. Every stage's config is composed before the first stage runs: an edit of conf/
     made while the pipeline runs reaches none of its stages."""
-    check_values(cfg)
+    check_config(cfg)
     out = Path(output_dir)
     overrides = [o for o in overrides if not o.startswith("seed=")]  # each pass below sets its own
     for seed, stages in [(seed, stage_configs([*overrides, f"seed={seed}"])) for seed in cfg.pipeline.seeds]:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from mcn.errors import ConfigError
-
 HEADLINE = {"headline": True}  # `extra=` of a line that `runs` shows: a run's outcome, or the study's
-MODES = ("auto", "all", "runs")
 
 
 # library warnings that say nothing a user can act on mid-run (a probe's solver that stopped at its iteration cap,
@@ -36,9 +33,7 @@ class _RunsOnly(logging.Filter):
 def show_on_terminal(mode: str, many_runs: bool) -> None:
     """Apply `trainer.terminal=mode` to the root logger's terminal handlers (its stream handlers that are not log
     files); `many_runs`: the command runs many (auto means runs). Library warnings go to the log files; those in
-    _QUIET_WARNINGS are kept off the terminal. ConfigError for a mode not in MODES."""
-    if mode not in MODES:
-        raise ConfigError(f"trainer.terminal={mode!r} must be one of {', '.join(MODES)}; e.g. trainer.terminal=runs")
+    _QUIET_WARNINGS are kept off the terminal."""
     logging.captureWarnings(True)  # Python's warnings become log records, which reach the log files
     every_line = mode == "all" or (mode == "auto" and not many_runs)
     for handler in logging.getLogger().handlers:

@@ -110,9 +110,11 @@ def test_state_dicts_saved_by_other_code_load(tmp_path, wrap):
     assert out["experts_from"][0].endswith("best_wrn_expert_0.pth") and first["component"] == "expert"
 
 
-@pytest.mark.parametrize("index", [-1, 4])
-def test_expert_index_outside_range(tmp_path, index):
-    with pytest.raises(ConfigError, match=rf"pretrain.index={index} is outside 0..3"):
+@pytest.mark.parametrize(
+    "index,words", [(-1, "pretrain.index=-1 must be a whole number >= 0"), (4, "pretrain.index=4 is outside 0..3")]
+)
+def test_expert_index_outside_range(tmp_path, index, words):
+    with pytest.raises(ConfigError, match=words):
         run_recipe(ExpertRecipe(compose_cfg(tmp_path, [f"pretrain.index={index}"]), tmp_path / "job"))
 
 

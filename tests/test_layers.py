@@ -25,10 +25,10 @@ COMMANDS = {
         "export",
     )
 }
-COMMAND_HELPERS = {"mcn.cli"}
+COMMAND_HELPERS = {"mcn.cli", "mcn.configs"}
 # the library's layers, lowest first: a module imports its own layer and those below, never one above
 LAYERS = [
-    {"mcn", "mcn.errors", "mcn.distributed", "mcn.shell", "mcn.terminal"},
+    {"mcn", "mcn.errors", "mcn.distributed", "mcn.schema", "mcn.shell", "mcn.terminal"},
     {"mcn.files"},
     {"mcn.data", "mcn.models"},
     {"mcn.training"},

@@ -193,7 +193,7 @@ def test_distillation_teacher_is_the_pretrained_experts_and_stays_frozen(tmp_pat
             r"loss.distill_temperature=0 must be a finite number > 0",
         ),
         (["augment.cutmix=2"], r"augment.cutmix=2 must be a number in \[0, 1\]"),
-        (["model.expert_dropout=1.0"], r"model.expert_dropout=1.0 must lie in \[0, 1\)"),
+        (["model.expert_dropout=1.0"], r"model.expert_dropout=1.0 must be a number in \[0, 1\)"),
     ],
 )
 def test_option_values_that_cannot_work_are_refused_in_one_line(tmp_path, experts_dir, overrides, message):

@@ -220,7 +220,7 @@ def test_the_probe_is_on_by_default_for_pretrained_experts_only(tmp_path, expert
         )
         recipe._check_config()
         assert recipe.probe_on is on, (enabled, experts)
-    with pytest.raises(ConfigError, match="probe.enabled='maybe' must be auto, true or false"):
+    with pytest.raises(ConfigError, match="probe.enabled='maybe' must be one of auto, true, false"):
         FusionRecipe(compose_cfg(tmp_path, ["probe.enabled=maybe"]), tmp_path)._check_config()
 
 
@@ -233,8 +233,6 @@ def test_own_classes_under_a_class_split_and_bad_probe_values(tmp_path):
     for bad, words in [
         (["probe.enabled=true", "experts.dir=null"], "experts.dir is null"),
         (["probe.enabled=true", "probe.weight_decays=[-1]"], "probe.weight_decays=[-1]"),
-        (["probe.enabled=true", "probe.weight_decays=0.1"], "probe.weight_decays=0.1 must be a list"),
-        (["probe.enabled=true", "probe.batch_size=0.5"], "probe.batch_size=0.5 must be a whole number"),
         (["model.new_expert_heads=true", "loss.alpha=0"], "loss.alpha=0 never trains them"),
         (["model.new_expert_heads=true", "model.ensemble_start=true"], "set one of them to false"),
         (["probe.enabled=true", "probe.lr=0"], "probe.lr=0"),

@@ -89,7 +89,9 @@ def test_local_sweep_reports_a_failed_job_and_a_named_relaunch_skips_done_jobs(t
     best = f"{done['best_val_accuracy']:.4f}"
     assert lines[2].split()[2:] == ["COMPLETED", "1/1", best, "0", "trainer.epochs=1"]
     assert lines[3].split()[2:] == ["FAILED", "-", "-", "0", "trainer.epochs=-1"]
-    assert lines[4].strip() == "error: trainer.epochs=-1 must be a whole number >= 0; e.g. trainer.epochs=10"
+    assert lines[4].strip() == (
+        "error: trainer.epochs=-1 must be a whole number >= 0; e.g. trainer.epochs=10 (set on the command line)"
+    )
 
     # the same name, one job more: job 0 is done and skipped, only the new one runs
     args = ["-m", *LOCAL, "sweep.name=relaunch"]

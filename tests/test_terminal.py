@@ -37,5 +37,6 @@ def test_single_run_shows_every_epoch_unless_told_otherwise(tmp_path):
 
     bad = run_cli([*QUICK, "trainer.terminal=quiet", f"hydra.run.dir={tmp_path / 'c'}"], tmp_path)
     assert bad.returncode == 2 and bad.stderr == (
-        "mcn: error: trainer.terminal='quiet' must be one of auto, all, runs; e.g. trainer.terminal=runs\n"
+        "mcn: error: trainer.terminal='quiet' must be one of auto, all, runs; e.g. trainer.terminal=runs "
+        "(set on the command line)\n"
     )

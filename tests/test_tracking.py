@@ -19,6 +19,7 @@ from mcn.errors import ConfigError
 from mcn.files import EpochCsv, RunFolder, read_csv, read_status
 from mcn.recipes import run_recipe
 from mcn.recipes.expert import ExpertRecipe
+from mcn.schema import check_config
 from mcn.shell import hydra_override
 from mcn.training.loop import EpochLoop
 from mcn.training.tracking import TRACKERS as TRACKER_REGISTRY
@@ -202,10 +203,9 @@ def test_the_summary_is_one_value_without_a_step_and_the_run_ends_finished(track
 def test_an_unknown_tracker_is_refused_in_one_line(tmp_path):
     cfg = compose_cfg(tmp_path, ["logger=csv", "logger.name=tensorbord"])
     with pytest.raises(ConfigError) as refused:
-        RunTracker(cfg, RunFolder(tmp_path / "run"), "unit")
+        check_config(cfg)
     assert str(refused.value) == (
-        "logger.name='tensorbord' is not a tracker; known: none, wandb, tensorboard, mlflow, csv "
-        "(e.g. logger=tensorboard)"
+        "logger.name='tensorbord' must be one of none, csv, tensorboard, mlflow, wandb; e.g. logger.name=none"
     )
 
 

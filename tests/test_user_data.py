@@ -15,6 +15,7 @@ from PIL import Image
 from mcn.data.datasets import load_train_test
 from mcn.data.prepare import prepare_data
 from mcn.errors import ConfigError, DataError
+from mcn.schema import check_config
 
 from helpers import compose_cfg, run_cli
 
@@ -209,7 +210,9 @@ def test_config_mistakes_are_one_line(tmp_path):
         (["data=torchvision", "data.dataset=SVHN", f"data.root={tmp_path}"], str(tmp_path)),
     ]:
         with pytest.raises((ConfigError, DataError), match=named.replace("[", r"\[")):
-            load(data_cfg(tmp_path, *overrides))
+            cfg = data_cfg(tmp_path, *overrides)
+            check_config(cfg)  # the values, as every command checks them first
+            load(cfg)
 
 
 def test_torchvision_set_by_name_offline(tmp_path):

@@ -233,8 +233,6 @@ def load_train_test(
         known = ", ".join((*DATASETS, *BUILDERS))
         raise ConfigError(f"data.source={source!r}; known: {known} (set data=<one of them>)")
     in_memory = data.get("in_memory", "auto")
-    if in_memory not in ("auto", True, False):
-        raise ConfigError(f"data.in_memory={in_memory!r} must be auto, true or false")
     recipe, build = BUILDERS[source](data, Path(data_dir))
     folder, meta, built = open_or_build(Path(cache_dir), str(data.name), recipe, build, may_build)
     classes = list(meta["classes"])

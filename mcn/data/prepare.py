@@ -208,8 +208,6 @@ def loader_workers(value) -> int:
     if value in (None, "auto"):
         cores = distributed.local_cores()
         return max(1, min(4, cores - 1))
-    if not isinstance(value, int) or value < 0:
-        raise ConfigError(f"data.loader_workers={value!r} must be auto or a count >= 0 (0: read in the main process)")
     return value
 
 

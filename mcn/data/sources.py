@@ -22,8 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcn.data.cache import write_part, write_rows
 from mcn.data.image_files import (
-    INTERPOLATIONS,
-    ON_BAD_FILE,
     BadFiles,
     FileList,
     class_folders,
@@ -41,19 +39,10 @@ CACHE_VERSION = 1  # bump when the decoding changes what a cached array holds
 
 
 def transform_settings(data: DictConfig) -> dict:
-    """The checked transform: image size (H, W), channels, interpolation, bad-file policy."""
+    """The transform (values checked by the schema, mcn.data.schema): image size (H, W), channels, interpolation,
+    bad-file policy."""
     size = data.image_size
-    size = [size, size] if isinstance(size, int) else list(size) if size is not None else None
-    if size is None or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ConfigError(f"data.image_size={data.image_size} must be a positive side or [height, width]")
-    if data.channels not in (1, 3):
-        raise ConfigError(f"data.channels={data.channels} must be 1 (grey) or 3 (RGB)")
-    if data.interpolation not in INTERPOLATIONS:
-        raise ConfigError(f"data.interpolation={data.interpolation!r}; use one of {', '.join(INTERPOLATIONS)}")
-    if data.on_bad_file not in ON_BAD_FILE:
-        raise ConfigError(f"data.on_bad_file={data.on_bad_file!r}; use error or skip")
-    if not 0 < float(data.test_fraction) < 1:
-        raise ConfigError(f"data.test_fraction={data.test_fraction} must lie strictly between 0 and 1")
+    size = [size, size] if isinstance(size, int) else list(size)
     return {
         "size": tuple(size),
         "channels": int(data.channels),

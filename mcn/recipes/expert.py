@@ -40,8 +40,9 @@ from mcn.files import (
     write_json,
 )
 from mcn.models import ExpertSpec
+from mcn.schema import check_config
 from mcn.terminal import HEADLINE
-from mcn.training.config import absolute_paths, check_values, expert_specs, resolved
+from mcn.training.config import absolute_paths, expert_specs, resolved
 from mcn.training.loop import EpochLoop, Objective, evaluate
 from mcn.training.optim import optimizer_from_config, schedule_from_config
 from mcn.training.runtime import Runtime, seed_everything, stream_seeds
@@ -174,15 +175,11 @@ class ExpertRecipe:
         """Also settles which expert this is: its spec, and its family's values for what the config left null
         (so the config saved with the run holds the values used)."""
         cfg = self.cfg
-        check_values(cfg)  # and once more below, with the family's values in place of pretrain.* nulls
-        if not isinstance(self.index, int) or not 0 <= self.index < cfg.experts.num:
-            raise ConfigError(
-                f"pretrain.index={self.index} is outside 0..{cfg.experts.num - 1} (experts.num={cfg.experts.num})"
-            )
+        check_config(cfg)  # and once more below, with the family's values in place of pretrain.* nulls
         self.spec = expert_specs(cfg)[self.index]
         apply_family_recipe(cfg, self.spec.family)
         self.config = resolved(cfg)
-        check_values(cfg)
+        check_config(cfg)
 
     def _setup_batches(self) -> None:
         cfg, data, i = self.cfg, self.data, self.index

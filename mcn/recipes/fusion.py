@@ -44,11 +44,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 from mcn import distributed
 from mcn.data.prepare import make_batches, prepare_data, training_augmentation
-from mcn.errors import CheckpointError, ConfigError
+from mcn.errors import CheckpointError
 from mcn.evaluation.baselines import calibration, class_accuracy, expert_baselines, reliability
 from mcn.files import (
     EpochCsv,
@@ -65,22 +65,17 @@ from mcn.files import (
 )
 from mcn.files.code import code_version
 from mcn.inference.card import write_model_card
-from mcn.models import MCN, ExpertStack, create_fusion, fusion_width, list_fusions
+from mcn.models import MCN, ExpertStack, create_fusion, fusion_width
 from mcn.recipes.expert import check_pretrained_expert
+from mcn.schema import check_config
 from mcn.terminal import HEADLINE
-from mcn.training.config import (
-    COUNT,
-    absolute_paths,
-    check_value,
-    check_values,
-    expert_specs,
-    resolved,
-)
-from mcn.training.finetune import alpha_at, check_finetune, freeze_early_expert_layers, interpolate_weights
+from mcn.training.config import absolute_paths, expert_specs, resolved
+from mcn.training.finetune import alpha_at, freeze_early_expert_layers, interpolate_weights
 from mcn.training.loop import UNDEFINED, Distillation, EpochLoop, Objective, evaluate, head_metrics, predict
 from mcn.training.optim import input_width_lrs, optimizer_from_config, schedule_from_config
 from mcn.training.probe import expert_outputs, fit_probe
 from mcn.training.runtime import Runtime, seed_everything, stream_seeds
+from mcn.training.schema import probe_on
 from mcn.training.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -98,7 +93,6 @@ def experts_of(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
     return logits[1:], labels
 
 
-EXPERT_TARGETS = ("all", "own_classes")  # loss.expert_targets: which samples each expert's term counts
 FUSION_STAGE = 0  # what tells the fusion stage's random streams from the expert stage's (stream_seeds)
 
 
@@ -153,63 +147,8 @@ class FusionRecipe:
 
     def _check_config(self) -> None:
         cfg = self.cfg
-        check_values(cfg)
-        enabled = cfg.probe.enabled
-        if enabled not in (True, False, "auto"):
-            raise ConfigError(f"probe.enabled={enabled!r} must be auto, true or false; e.g. probe.enabled=auto")
-        # auto: probe pretrained experts; experts from scratch have nothing to probe
-        self.probe_on = enabled is True or (enabled == "auto" and cfg.experts.dir is not None)
-        if self.probe_on:
-            decays = cfg.probe.weight_decays
-            shown = list(decays) if isinstance(decays, ListConfig) else decays
-            if (
-                not isinstance(decays, ListConfig)
-                or not decays
-                or any(not isinstance(d, (int, float)) or isinstance(d, bool) or d < 0 for d in decays)
-            ):
-                raise ConfigError(
-                    f"probe.weight_decays={shown} must be a list of weight decays >= 0; "
-                    f"e.g. probe.weight_decays=[0,0.01,0.1]"
-                )
-            if cfg.experts.dir is None:
-                raise ConfigError(
-                    "probe.enabled=true fits the fusion on the pretrained experts, but experts.dir is null (experts "
-                    "from scratch); set experts.dir or probe.enabled=false"
-                )
-        check_finetune(cfg, self.probe_on)
-        if not (self.probe_on and cfg.trainer.epochs == 0):  # the probe alone: trainer.epochs=0
-            check_value(cfg, "trainer.epochs", COUNT, 10)
-        if cfg.trainer.freeze_experts_epochs and not 0 < cfg.trainer.freeze_experts_epochs < cfg.trainer.epochs:
-            raise ConfigError(
-                f"trainer.freeze_experts_epochs={cfg.trainer.freeze_experts_epochs} must be 0 (no freezing) or lie in "
-                f"1..trainer.epochs-1 (trainer.epochs={cfg.trainer.epochs}): the experts must train at least one epoch"
-            )
-        if cfg.model.new_expert_heads and not cfg.loss.alpha:
-            raise ConfigError(
-                "model.new_expert_heads=true starts the experts' heads anew, but loss.alpha=0 never trains them "
-                "(their accuracies, average and oracle would be of random heads); set loss.alpha=1 or "
-                "model.new_expert_heads=false"
-            )
-        if cfg.model.new_expert_heads and cfg.model.ensemble_start:
-            raise ConfigError(
-                "model.ensemble_start=true starts from the experts' logit average, but model.new_expert_heads=true "
-                "makes those heads random; set one of them to false"
-            )
-        if cfg.loss.expert_targets not in EXPERT_TARGETS:
-            raise ConfigError(
-                f"loss.expert_targets={cfg.loss.expert_targets!r} is not one of {', '.join(EXPERT_TARGETS)}; "
-                f"e.g. loss.expert_targets=own_classes"
-            )
-        if cfg.loss.distill_weight and cfg.experts.dir is None:
-            raise ConfigError(
-                f"loss.distill_weight={cfg.loss.distill_weight} distils from the pretrained experts, but experts.dir "
-                f"is null (experts from scratch); set experts.dir or loss.distill_weight=0"
-            )
-        if self.fusion_type not in list_fusions():
-            raise ConfigError(
-                f"unknown fusion type {self.fusion_type!r}; known: {', '.join(list_fusions())} "
-                f"(set fusion=<one of them>)"
-            )
+        check_config(cfg)
+        self.probe_on = probe_on(cfg)
         if cfg.experts.dir is not None:  # every file must be there before anything is written
             paths = [pretrained_expert_path(cfg.experts.dir, cfg.experts.filename, i) for i in range(cfg.experts.num)]
             missing = [str(p) for p in paths if not p.is_file()]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,33 +214,5 @@ def make_pruner(settings: dict, epochs: int) -> optuna.pruners.BasePruner:
 
 
 def check_settings(settings: dict) -> None:
-    """Every search.* value, before anything is written: ConfigError naming the key and a value that works."""
-    if settings["objective"] not in OBJECTIVES:
-        raise ConfigError(
-            f"search.objective={settings['objective']!r} is not one of {', '.join(OBJECTIVES)}; "
-            f"e.g. search.objective=val_accuracy"
-        )
-    for key, example in (("n_trials", 20), ("workers", 2)):
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"search.{key}={value} must be a whole number >= 1; e.g. search.{key}={example}")
-    for key in ("startup_trials", "warmup_epochs"):
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"search.{key}={value} must be a whole number >= 0; e.g. search.{key}=2")
-    seed = settings["seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ConfigError(f"search.seed={seed} must be a whole number >= 0 or null; e.g. search.seed=0")
-    seeds = settings["rerun_seeds"]
-    if (
-        not isinstance(seeds, Sequence)
-        or isinstance(seeds, str)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-    ):
-        raise ConfigError(
-            f"search.rerun_seeds={seeds} must be a list of whole numbers >= 0; e.g. search.rerun_seeds=[0,1,2]"
-        )
-    make_sampler(settings)
-    make_pruner(settings, 1)
+    """What the schema cannot check of search.*, before anything is written: the space parses (`search_space`)."""
     search_space(settings["params"])

@@ -28,10 +28,11 @@ from mcn.cluster.submit import make_executor
 from mcn.errors import ConfigError, MCNError
 from mcn.files import atomic_write, lock
 from mcn.files.code import describe, snapshot_code, snapshot_environment, snapshot_version
+from mcn.schema import check_config
 from mcn.search.folder import FORMAT, RELAUNCH_IGNORES, SearchFolder, Worker, check_settings
 from mcn.search.report import finished, report_once, summary
 from mcn.search.worker import SearchWorker
-from mcn.training.config import check_values, config_changes, resolved
+from mcn.training.config import config_changes, resolved
 
 SUBMITIT = ".submitit/%j"  # the Slurm workers' job files, under the search folder
 AS_WORKERS = {"noun": "worker", "kind": "search", "retries": "ended workers while trials remain or are lost"}
@@ -41,7 +42,7 @@ def launch(cfg: DictConfig, folder: Path, launcher: dict, rerun_overrides: list[
     """Start the search in `folder` (or go on with it: the same config, more trials or workers allowed), submit the
     workers that are not queued or running, and (locally) wait for them. `launcher`: the resolved `hydra.launcher`;
     `rerun_overrides`: the command line's overrides, which the rerun of the best configuration keeps."""
-    check_values(cfg)
+    check_config(cfg)
     check_settings(cfg.search)
     for key in cfg.search.params:
         if OmegaConf.select(cfg, str(key), default="<absent>") == "<absent>":

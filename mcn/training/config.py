@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
 import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from mcn.errors import ConfigError
 from mcn.models import ExpertSpec
@@ -41,97 +39,6 @@ REPLICATE_IGNORES = (
     "split.force",
     "data.download",
 )
-
-
-# Every number a user types, its range, and a value that passes (what a refusal suggests). A key a config lacks,
-# or left null where null means "the default" (nullable), is not checked. Checked once, before any work
-# (`check_values`); checks that depend on other keys stay with the stage that knows them.
-SEED, COUNT, WHOLE, RATE, POSITIVE, NON_NEGATIVE, FRACTION = (
-    "a whole number >= 0 (below 2**32)",
-    "a whole number > 0",
-    "a whole number >= 0",
-    "a finite number > 0",
-    "a finite number > 0",
-    "a finite number >= 0",
-    "a number in [0, 1]",
-)
-VALUE_RULES: dict[str, tuple[str, object, bool]] = {  # key: (rule, a passing value, nullable)
-    "seed": (SEED, 0, False),
-    "split.seed": (SEED, 0, False),
-    "experts.num": (COUNT, 4, False),
-    "trainer.epochs": (WHOLE, 10, False),  # 0: the probe alone (the fusion stage says when that is not allowed)
-    "trainer.batch_size": (COUNT, 128, False),
-    "trainer.save_every": (COUNT, 10, False),
-    "trainer.early_stopping_patience": (COUNT, 10, True),
-    "trainer.freeze_experts_epochs": (WHOLE, 0, False),
-    "trainer.num_threads": (COUNT, 4, True),
-    "optim.base_lr": (RATE, 1e-4, False),
-    "optim.head_lr": (RATE, 1e-3, False),
-    "optim.weight_decay": (NON_NEGATIVE, 1e-4, False),
-    "optim.min_lr_ratio": (FRACTION, 0.1, False),
-    "optim.warmup_epochs": (WHOLE, 0, False),
-    "optim.grad_clip": (POSITIVE, 1.0, True),
-    "loss.alpha": (NON_NEGATIVE, 1.0, False),
-    "loss.distill_weight": (NON_NEGATIVE, 0.0, False),
-    "loss.distill_temperature": (POSITIVE, 4.0, False),
-    "model.expert_dropout": (FRACTION, 0.0, False),
-    "augment.label_smoothing": (FRACTION, 0.0, False),
-    "augment.cutmix": (FRACTION, 0.0, False),
-    "augment.random_erasing": (FRACTION, 0.0, False),
-    "probe.epochs": (COUNT, 200, False),
-    "probe.patience": (COUNT, 20, False),
-    "probe.lr": (RATE, 1e-3, False),
-    "probe.batch_size": (COUNT, 256, False),
-    "data.channels": (COUNT, 3, False),
-    "data.test_fraction": (FRACTION, 0.2, False),
-    "data.test_seed": (SEED, 0, False),
-    "data.memory_budget_gb": (NON_NEGATIVE, 4, False),
-    "pretrain.epochs": (COUNT, 250, False),
-    "pretrain.batch_size": (COUNT, 128, True),
-    "pretrain.optim.lr": (RATE, 0.1, True),
-    "pretrain.optim.weight_decay": (NON_NEGATIVE, 5e-4, True),
-    "pretrain.optim.momentum": (FRACTION, 0.9, False),
-    "pretrain.optim.min_lr_ratio": (FRACTION, 0.0, False),
-    "pretrain.optim.warmup_epochs": (WHOLE, 0, False),
-    "pretrain.optim.grad_clip": (POSITIVE, 1.0, True),
-    "pretrain.augment.label_smoothing": (FRACTION, 0.05, True),
-    "pretrain.augment.cutmix": (FRACTION, 0.0, False),
-    "pretrain.augment.random_erasing": (FRACTION, 0.0, False),
-    "split.holdout_fraction": (FRACTION, 0.2, False),
-    "split.fusion_val_fraction": (FRACTION, 0.2, False),
-    "split.expert_val_fraction": (FRACTION, 0.1, False),
-}
-
-
-def _passes(rule: str, value) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if rule in (SEED, COUNT, WHOLE):
-        return isinstance(value, int) and value >= (1 if rule == COUNT else 0) and (rule != SEED or value < 2**32)
-    if not math.isfinite(value):
-        return False
-    return {RATE: value > 0, POSITIVE: value > 0, NON_NEGATIVE: value >= 0, FRACTION: 0 <= value <= 1}[rule]
-
-
-def check_value(cfg: DictConfig, key: str, rule: str, example: object, nullable: bool = False) -> None:
-    """ConfigError naming `key`, its value, the rule and a value that passes, when `cfg`'s value breaks `rule`."""
-    try:
-        value = OmegaConf.select(cfg, key, throw_on_missing=True)
-    except OmegaConfBaseException:
-        value = "???"
-    if value is None and nullable:
-        return
-    if not _passes(rule, value):
-        raise ConfigError(f"{key}={value!r} must be {rule}; e.g. {key}={example}")
-
-
-def check_values(cfg: DictConfig) -> None:
-    """Every number in VALUE_RULES that `cfg` holds, before any work: one ConfigError for the first bad one."""
-    for key, (rule, example, nullable) in VALUE_RULES.items():
-        parent, _, name = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        if isinstance(node, DictConfig) and name in node:
-            check_value(cfg, key, rule, example, nullable)
 
 
 def _preset_entries(cfg: DictConfig) -> list:

@@ -16,50 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mcn.errors import ConfigError
 from mcn.models import MCN
-
-CHOICES = {  # key: its allowed values, the default first
-    "finetune.expert_norm": ("train", "frozen"),
-    "finetune.expert_layers": ("all", "last_stage"),
-    "finetune.alpha_schedule": ("constant", "linear"),
-    "trainer.early_stopping_since": ("best", "best_fine_tuned"),
-}
-
-
-def check_finetune(cfg, probe_on: bool) -> None:
-    """ConfigError, in one line naming the key, for a value outside `CHOICES` or a WiSE-FT setting that cannot run."""
-    for key, allowed in CHOICES.items():
-        node, name = key.split(".")
-        value = cfg[node].get(name, allowed[0])
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}; e.g. {key}={allowed[-1]}")
-    ft = cfg.finetune
-    if ft.wise_ft not in (True, False):
-        raise ConfigError(f"finetune.wise_ft={ft.wise_ft!r} must be true or false")
-    if not ft.wise_ft:
-        return
-    if not probe_on:
-        raise ConfigError(
-            "finetune.wise_ft=true interpolates from epoch 0, the probe, but this run has no probe; set "
-            "probe.enabled=true (pretrained experts) or finetune.wise_ft=false"
-        )
-    if int(cfg.trainer.epochs) == 0:
-        raise ConfigError(
-            "finetune.wise_ft=true needs fine-tuning epochs to interpolate towards, but trainer.epochs=0 (the probe "
-            "alone); set trainer.epochs to 1 or more, or finetune.wise_ft=false"
-        )
-    weights = ft.wise_ft_weights
-    shown = list(weights) if hasattr(weights, "__iter__") and not isinstance(weights, str) else weights
-    if (
-        not isinstance(shown, list)
-        or not shown
-        or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < 1 for w in shown)
-    ):
-        raise ConfigError(
-            f"finetune.wise_ft_weights={shown} must be a list of mixing weights strictly between 0 and 1 (0 and 1 are "
-            f"epoch 0 and the last epoch, measured anyway); e.g. finetune.wise_ft_weights=[0.25,0.5,0.75]"
-        )
 
 
 def alpha_at(alpha: float, schedule: str, epoch: int, epochs: int) -> float:

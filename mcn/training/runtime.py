@@ -107,8 +107,6 @@ class Runtime:
         if cuda and dist.enabled and device.index is None:  # one GPU per process
             device = torch.device("cuda", dist.local_rank)
             torch.cuda.set_device(device)
-        if trainer.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"trainer.precision={trainer.precision!r}; use auto, bf16 or fp32")
         if cuda:
             native = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
             found = f"the GPU {'supports' if native else 'does not support'} bf16"

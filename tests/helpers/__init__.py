@@ -11,6 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import mcn.configs  # noqa: F401  (registers the config schema that conf/ starts from)
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 CONF = ROOT / "conf"
 
