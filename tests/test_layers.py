@@ -1,4 +1,4 @@
-"""The house stays walkable: commands on top, a layered library below, no import circle (README, "Code map")."""
+"""The house stays walkable: commands on top, a layered library below, no import circle (docs/code-map.md)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def layer(module: str) -> int:
     for i, names in enumerate(LAYERS):
         if any(module == n or module.startswith(n + ".") for n in names if n != "mcn") or module in names:
             return i
-    raise AssertionError(f"{module} is in no layer: add its package to LAYERS (and to the README's code map)")
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS (and to docs/code-map.md)")
 
 
 def test_no_library_module_imports_a_command():
