@@ -106,6 +106,28 @@ def test_home_and_tutorial_hold_the_install_and_test_commands(site):
         assert TESTS in text, f"{page.relative_to(site)} lacks the test command"
 
 
+def test_the_built_config_reference_lists_every_key_of_the_schema(site):
+    """Every key of every schema dataclass, prefixed by its block or group, is on the rendered page."""
+    import dataclasses
+
+    from mcn.configs import SCHEMAS, MCNConfig
+
+    text = Page((site / "config" / "index.html").read_text(encoding="utf-8")).text
+
+    def keys(kind: type, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(kind):
+            nested = f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+            if f.metadata.get("group"):
+                continue
+            out += keys(f.default_factory, f"{prefix}{f.name}.") if nested else [f"{prefix}{f.name}"]
+        return out
+
+    wanted = keys(MCNConfig, "") + [k for (group, _), kind in SCHEMAS.items() for k in keys(kind, f"{group}.")]
+    missing = [k for k in wanted if k not in text]
+    assert len(wanted) > 150 and not missing, f"not on the rendered config reference: {missing}"
+
+
 def test_the_readme_is_a_front_door_with_the_install_and_test_commands():
     readme = (ROOT / "README.md").read_bytes()
     assert len(readme) <= README_LIMIT, f"README.md is {len(readme)} bytes, over {README_LIMIT}: move it to docs/"

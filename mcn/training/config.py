@@ -1,4 +1,5 @@
-"""Checks on the composed config, made before anything runs or is written."""
+"""What a composed config says beyond its values (which the schema checks, mcn.schema): the experts it names, run and
+job folder names, absolute paths, the changes between two configs (resume), and keys added that nothing reads."""
 
 from __future__ import annotations
 

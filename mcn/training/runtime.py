@@ -5,8 +5,8 @@ the fused optimiser, data resident on the device. On a CPU: bf16 autocast only w
 natively (the CPU flags list AVX512-BF16 or AMX), since elsewhere it is emulated: ~13x slower than fp32 on an
 AVX2 EPYC, 0.72x the fp32 training rate on an AVX-512 Xeon without those flags (where oneDNN still reports bf16);
 channels_last (1.4x in fp32 on an AVX2 EPYC); no compile (its start-up time dwarfs small models); threads from the
-cores and the processes sharing them (`choose_threads`). The numbers are the README's ("Speed switches and
-benchmarks"). The start line says what was chosen and why (`Runtime.describe`); an explicit setting always wins.
+cores and the processes sharing them (`choose_threads`). The numbers are the manual's (docs/how-to/speed.md). The
+start line says what was chosen and why (`Runtime.describe`); an explicit setting always wins.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def cpu_bf16() -> tuple[bool, str]:
     """Whether this processor computes bf16 natively, and how that was learnt: its /proc/cpuinfo flags list
     `avx512_bf16` or `amx_bf16`. oneDNN's own query (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) is not asked:
     it also answers yes on AVX-512 processors without those flags, where bf16 is emulated and training measured
-    0.72x the fp32 rate (README, "Speed switches and benchmarks"). No flags to read: fp32."""
+    0.72x the fp32 rate (docs/how-to/speed.md). No flags to read: fp32."""
     flags = _cpu_flags()
     if not flags:
         return False, "no /proc/cpuinfo to read the CPU's bf16 flags from"
@@ -67,7 +67,7 @@ def local_processes() -> tuple[int, str]:
 def choose_threads(num_threads) -> tuple[int, str]:
     """CPU threads per process: `trainer.num_threads` when set; under Slurm the cores it gave the task
     (SLURM_CPUS_PER_TASK); else this machine's cores shared evenly by the processes on it, at least one.
-    Threads beyond a process's share of the cores slow every process down (README, "Speed on CPU")."""
+    Threads beyond a process's share of the cores slow every process down (docs/how-to/speed.md)."""
     if num_threads not in (None, "auto"):
         if int(num_threads) < 1:
             raise ConfigError(f"trainer.num_threads={num_threads} must be a positive number (or null: automatic)")
