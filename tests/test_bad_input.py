@@ -36,7 +36,7 @@ def run_expecting(tmp_path, overrides, error, match):
         ("mcn.experts", "expert=wrn99", "In 'train': Could not find 'expert/wrn99'; known: densenet121, "),
         ("mcn.pipeline", "trainer.epoch=5", "Could not override 'trainer.epoch'; To append to your config use +"),
         ("mcn.train", "trainer.epochs=[1,", "no viable alternative at input '[1,'"),
-        ("mcn.train", "trainer.epochs=${nope}", "the config does not resolve: Interpolation key 'nope' not found"),
+        ("mcn.train", "trainer.epochs=${nope}", "trainer.epochs does not resolve (Interpolation key 'nope' not found)"),
     ],
 )
 def test_a_command_line_hydra_cannot_compose_gets_one_line(tmp_path, module, override, line):

@@ -218,10 +218,9 @@ def test_the_probe_is_on_by_default_for_pretrained_experts_only(tmp_path, expert
         recipe = FusionRecipe(
             compose_cfg(tmp_path, [f"probe.enabled={enabled}", f"experts.dir={experts or 'null'}"]), tmp_path
         )
-        recipe._check_config()
         assert recipe.probe_on is on, (enabled, experts)
     with pytest.raises(ConfigError, match="probe.enabled='maybe' must be one of auto, true, false"):
-        FusionRecipe(compose_cfg(tmp_path, ["probe.enabled=maybe"]), tmp_path)._check_config()
+        FusionRecipe(compose_cfg(tmp_path, ["probe.enabled=maybe"]), tmp_path)
 
 
 def test_own_classes_under_a_class_split_and_bad_probe_values(tmp_path):

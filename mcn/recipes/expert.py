@@ -132,7 +132,7 @@ class ExpertRecipe:
     def __init__(self, cfg: DictConfig, output_dir: str | Path):
         self.cfg = absolute_paths(cfg)
         self.index = cfg.pretrain.index
-        self._check_config()  # before run_recipe touches the folder: a refused value leaves no state behind
+        self._check_inputs()  # before run_recipe touches the folder: a refused value leaves no state behind
         self.files = ExpertRunFiles(Path(output_dir), Path(cfg.paths.experts_dir), cfg.experts.filename, self.index)
         self.identity = {"stage": "expert", "index": self.index}
         self.results_file = self.files.results  # what a finished run leaves: read back when it is run again
@@ -171,9 +171,9 @@ class ExpertRecipe:
             self.runtime.describe(),
         )
 
-    def _check_config(self) -> None:
-        """Also settles which expert this is: its spec, and its family's values for what the config left null
-        (so the config saved with the run holds the values used)."""
+    def _check_inputs(self) -> None:
+        """The config against its schema (mcn.schema.check_config); also settles which expert this is: its spec, and
+        its family's values for what the config left null (so the config saved with the run holds the values used)."""
         cfg = self.cfg
         check_config(cfg)  # and once more below, with the family's values in place of pretrain.* nulls
         self.spec = expert_specs(cfg)[self.index]

@@ -114,7 +114,7 @@ class FusionRecipe:
         self.wise_ft = None  # WiSE-FT's record (grid, chosen weight, its epoch label) once measured
         # what a finished run leaves: read back when it is run again
         self.results_file = self.files.results if self.reads_test else self.files.validation_results
-        self._check_config()  # before run_recipe touches the folder: a refused value leaves no state behind
+        self._check_inputs()  # before run_recipe touches the folder: a refused value leaves no state behind
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -145,7 +145,8 @@ class FusionRecipe:
             self.runtime.describe(),
         )
 
-    def _check_config(self) -> None:
+    def _check_inputs(self) -> None:
+        """The config against its schema, and the expert files it names: ConfigError or CheckpointError in one line."""
         cfg = self.cfg
         check_config(cfg)
         self.probe_on = probe_on(cfg)
