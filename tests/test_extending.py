@@ -18,11 +18,12 @@ class MaxPoolingFusion(_Fusion):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.normed(features).amax(dim=1))
 '''
-NEW_CONFIG = """# maxPooling fusion, z = M(max_k LN_k(f_k)) (mcn.models.fusion): the module's constructor arguments.
+NEW_CONFIG = """# maxPooling fusion, z = M(max_k LN_k(f_k)).
+defaults:
+  - /schema/fusion@_here_: fusion
+  - _self_
+
 name: maxPooling
-hidden_dim: null
-dropout: 0.2
-width: null
 """
 
 

@@ -234,8 +234,8 @@ class FusionRecipe:
             base_lr, head_lr, rule = input_width_lrs(self.fusion_type, self.raw_model.num_features, base_lr, head_lr)
         self.lrs = {"base_lr": base_lr, "head_lr": head_lr, "input_width_rule": rule}
         for table, where in (
-            (optim.get("rates"), f"optim/{optim.name}.yaml rates"),
-            (self.cfg.trainer.get("fusion_epochs"), "trainer/default.yaml fusion_epochs"),
+            (optim.get("rates"), "optim.rates"),
+            (self.cfg.trainer.get("fusion_epochs"), "trainer.fusion_epochs"),
         ):
             if table is not None and self.fusion_type not in table:
                 log.info(
