@@ -231,7 +231,7 @@ def test_own_classes_under_a_class_split_and_bad_probe_values(tmp_path):
     assert own.sum(1).tolist() == [3, 3, 2, 2] and own.sum(0).tolist() == [1] * 10  # digits: blocks of classes
     for bad, words in [
         (["probe.enabled=true", "experts.dir=null"], "experts.dir is null"),
-        (["probe.enabled=true", "probe.weight_decays=[-1]"], "probe.weight_decays=[-1]"),
+        (["probe.enabled=true", "probe.weight_decays=[-1]"], "probe.weight_decays=[-1.0] must be a list"),
         (["model.new_expert_heads=true", "loss.alpha=0"], "loss.alpha=0 never trains them"),
         (["model.new_expert_heads=true", "model.ensemble_start=true"], "set one of them to false"),
         (["probe.enabled=true", "probe.lr=0"], "probe.lr=0"),
