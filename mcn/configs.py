@@ -38,7 +38,7 @@ from mcn.models.schema import (
     TimmExpertConfig,
 )
 from mcn.recipes.schema import PipelineConfig, PretrainConfig
-from mcn.schema import SEED, _yaml, key, type_text
+from mcn.schema import SEED, as_typed, key, type_text
 from mcn.search.schema import SearchConfig
 from mcn.training.schema import (
     AdamWConfig,
@@ -141,7 +141,7 @@ def _default(f: dataclasses.Field) -> str:
         return "(required)"
     if dataclasses.is_dataclass(value):
         return ""
-    return f"`{_yaml(value)}`" if not isinstance(value, dict) else f"`{json.dumps(value)}`"
+    return f"`{as_typed(value)}`" if not isinstance(value, dict) else f"`{json.dumps(value)}`"
 
 
 def _rows(kind: type, prefix: str) -> list[str]:

@@ -46,33 +46,32 @@ WHOLE = Rule("a whole number >= 0", lambda v: _whole(v) and v >= 0)
 POSITIVE = Rule("a finite number > 0", lambda v: _number(v) and v > 0)
 NON_NEGATIVE = Rule("a finite number >= 0", lambda v: _number(v) and v >= 0)
 FRACTION = Rule("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
-TEXT = Rule("a text", lambda v: isinstance(v, str))
 
 
 def one_of(*choices) -> Rule:
     """A value among `choices` (true/false written as YAML writes them)."""
-    shown = ", ".join(_yaml(c) for c in choices)
+    shown = ", ".join(as_typed(c) for c in choices)
     return Rule(f"one of {shown}", lambda v: any(v == c and type(v) is type(c) for c in choices))
 
 
-def list_of(rule: Rule, what: str, *, empty: bool = False) -> Rule:
-    """A list whose every item passes `rule`, described as `what`; not empty unless `empty`."""
+def list_of(rule: Rule, what: str) -> Rule:
+    """A list, not empty, whose every item passes `rule`, described as `what`."""
 
     def test(value) -> bool:
         items = list(value) if isinstance(value, (list, ListConfig)) else None
-        return items is not None and (empty or bool(items)) and all(rule.test(v) for v in items)
+        return bool(items) and all(rule.test(v) for v in items)
 
     return Rule(f"a list of {what}", test)
 
 
-def _yaml(value) -> str:
+def as_typed(value) -> str:
     """`value` as typed on a command line: true/false/null, lists without spaces."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
     if isinstance(value, (list, tuple)):
-        return f"[{','.join(_yaml(v) for v in value)}]"
+        return f"[{','.join(as_typed(v) for v in value)}]"
     return str(value)
 
 
@@ -89,13 +88,15 @@ def key(default, doc: str, rule: Rule | None = None, *, example=None, nullable: 
 def key_error(cfg: DictConfig | None, dotted: str, value, rule: Rule, example) -> ConfigError:
     """The one line for a value that breaks its rule: `key=value must be ...; e.g. key=example (set ...)`; a value
     typed on the command line is shown as typed (2, not the 2.0 its float key holds)."""
-    shown = repr(value) if isinstance(value, str) else _yaml(value)
+    shown = repr(value) if isinstance(value, str) else as_typed(value)
     hydra = _hydra_node(cfg)
     typed = _typed_overrides(hydra)
     if dotted in typed:
         text = typed[dotted]
         shown = repr(text) if isinstance(_parse(text), str) else text
-    return ConfigError(f"{dotted}={shown} must be {rule.text}; e.g. {dotted}={_yaml(example)}{where_set(cfg, dotted)}")
+    return ConfigError(
+        f"{dotted}={shown} must be {rule.text}; e.g. {dotted}={as_typed(example)}{where_set(cfg, dotted)}"
+    )
 
 
 def _parse(text: str):
@@ -248,8 +249,10 @@ def composition_error(error: BaseException) -> str | None:
     rule = f.metadata.get("rule") or Rule(type_text(f.type), lambda v: True)
     if f.metadata.get("nullable"):
         rule = Rule(f"{rule.text}, or null", rule.test)
-    shown = repr(value) if isinstance(value, str) else _yaml(value)
-    return f"{cause.full_key}={shown} must be {rule.text}; e.g. {cause.full_key}={_yaml(f.metadata['example'])}{where}"
+    shown = repr(value) if isinstance(value, str) else as_typed(value)
+    return (
+        f"{cause.full_key}={shown} must be {rule.text}; e.g. {cause.full_key}={as_typed(f.metadata['example'])}{where}"
+    )
 
 
 def type_text(annotation) -> str:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from mcn.configs import SCHEMAS, MCNConfig, reference_markdown
 from mcn.errors import ConfigError
-from mcn.schema import _yaml, check_config, composition_error, fields
+from mcn.schema import as_typed, check_config, composition_error, fields
 
 from helpers import CONF, TINY
 
@@ -107,10 +107,10 @@ def test_a_value_outside_its_rule_is_refused_in_one_line_naming_key_value_rule_a
     if line.startswith(f"{dotted}="):  # the key's own rule
         shown = repr(value) if isinstance(value, str) else text
         assert line == (
-            f"{dotted}={shown} must be {rule.text}; e.g. {dotted}={_yaml(f.metadata['example'])} "
+            f"{dotted}={shown} must be {rule.text}; e.g. {dotted}={as_typed(f.metadata['example'])} "
             f"(set on the command line)"
         )
-        assert rule.test(yaml.safe_load(_yaml(f.metadata["example"]))), f"{dotted}'s example breaks its own rule"
+        assert rule.test(yaml.safe_load(as_typed(f.metadata["example"]))), f"{dotted}'s example breaks its own rule"
     else:  # passes its own rule's check but not a rule across keys, which names it too
         assert dotted in line and "\n" not in line, line
 
