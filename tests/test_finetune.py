@@ -224,7 +224,7 @@ def test_early_stopping_can_count_from_the_best_fine_tuning_epoch(tmp_path, expe
         ("finetune.expert_layers=last", "finetune.expert_layers='last'"),
         ("finetune.alpha_schedule=cosine", "finetune.alpha_schedule='cosine'"),
         ("trainer.early_stopping_since=probe", "trainer.early_stopping_since='probe'"),
-        ("finetune.wise_ft_weights=[0,0.5]", "finetune.wise_ft_weights=[0, 0.5]"),
+        ("finetune.wise_ft_weights=[0,0.5]", "finetune.wise_ft_weights=[0.0,0.5] must be a list of mixing weights"),
         ("probe.enabled=false", "no probe"),
         ("trainer.epochs=0", "trainer.epochs=0"),
     ],
