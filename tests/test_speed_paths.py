@@ -6,6 +6,7 @@ import torch
 from mcn.data import TensorBatches
 from mcn.errors import ConfigError
 from mcn.models import MCN, create_expert, create_fusion
+from mcn.schema import check_config
 from mcn.training.loop import Objective, evaluate
 from mcn.training.runtime import Runtime
 
@@ -41,8 +42,8 @@ def test_switches_can_be_forced(tmp_path):
     assert rt.bf16 and rt.channels_last and not rt.compile
     with pytest.raises(ConfigError, match="trainer.device=cuda but no CUDA device"):
         Runtime.from_config(compose_cfg(tmp_path, ["trainer.device=cuda"]).trainer, cuda_available=False)
-    with pytest.raises(ConfigError, match="trainer.precision='fp16'"):
-        Runtime.from_config(compose_cfg(tmp_path, ["trainer.precision=fp16"]).trainer)
+    with pytest.raises(ConfigError, match="trainer.precision='fp16' must be one of auto, bf16, fp32"):
+        check_config(compose_cfg(tmp_path, ["trainer.precision=fp16"]))  # the schema refuses it before any runtime
 
 
 def test_one_forward_per_batch_gives_every_metric():
