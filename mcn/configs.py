@@ -139,8 +139,6 @@ def _default(f: dataclasses.Field) -> str:
         return ""
     if value is MISSING:
         return "(required)"
-    if dataclasses.is_dataclass(value):
-        return ""
     return f"`{as_typed(value)}`" if not isinstance(value, dict) else f"`{json.dumps(value)}`"
 
 
@@ -148,15 +146,13 @@ def _rows(kind: type, prefix: str) -> list[str]:
     rows = []
     for f in dataclasses.fields(kind):
         meta = f.metadata
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
-            f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
-        ):
+        if dataclasses.is_dataclass(f.default_factory):  # a nested block (pretrain.optim): its keys, prefixed
             rows += _rows(f.default_factory, f"{prefix}{f.name}.")
             continue
         rule = meta.get("rule")
         allowed = rule.text if rule else type_text(f.type)
         if meta.get("nullable"):
-            allowed = f"{allowed}, or null" if allowed else "null allowed"
+            allowed = f"{allowed}, or null"
         rows.append(f"| `{prefix}{f.name}` | {_cell(_default(f))} | {_cell(allowed)} | {_cell(meta.get('doc', ''))} |")
     return rows
 

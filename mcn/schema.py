@@ -32,17 +32,23 @@ class Rule:
     test: Callable[[Any], bool]
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_number(value) -> bool:
+    """An int or float, not a bool (YAML's true/false are bools, and bool is an int in Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _whole(value) -> bool:
+def is_whole(value) -> bool:
+    """An int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-SEED = Rule("a whole number >= 0 (below 2**32)", lambda v: _whole(v) and 0 <= v < 2**32)
-COUNT = Rule("a whole number > 0", lambda v: _whole(v) and v > 0)
-WHOLE = Rule("a whole number >= 0", lambda v: _whole(v) and v >= 0)
+def _number(value) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
+SEED = Rule("a whole number >= 0 (below 2**32)", lambda v: is_whole(v) and 0 <= v < 2**32)
+COUNT = Rule("a whole number > 0", lambda v: is_whole(v) and v > 0)
+WHOLE = Rule("a whole number >= 0", lambda v: is_whole(v) and v >= 0)
 POSITIVE = Rule("a finite number > 0", lambda v: _number(v) and v > 0)
 NON_NEGATIVE = Rule("a finite number >= 0", lambda v: _number(v) and v >= 0)
 FRACTION = Rule("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
@@ -94,9 +100,12 @@ def key_error(cfg: DictConfig | None, dotted: str, value, rule: Rule, example) -
     if dotted in typed:
         text = typed[dotted]
         shown = repr(text) if isinstance(_parse(text), str) else text
-    return ConfigError(
-        f"{dotted}={shown} must be {rule.text}; e.g. {dotted}={as_typed(example)}{where_set(cfg, dotted)}"
-    )
+    return ConfigError(refusal_line(dotted, shown, rule, example, where_set(cfg, dotted)))
+
+
+def refusal_line(dotted: str, shown: str, rule: Rule, example, where: str) -> str:
+    """`key=value must be <rule>; e.g. key=<example> (set ...)`: the one wording of every refused value."""
+    return f"{dotted}={shown} must be {rule.text}; e.g. {dotted}={as_typed(example)}{where}"
 
 
 def _parse(text: str):
@@ -135,16 +144,11 @@ def schema_of(node) -> type | None:
     return kind if dataclasses.is_dataclass(kind) else None
 
 
-def fields(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, DictConfig]]:
+def fields(cfg: DictConfig) -> Iterator[tuple[str, dataclasses.Field, DictConfig]]:
     """(dotted key, schema field, the node holding it) of every typed key of `cfg`, depth first."""
-    kind = schema_of(cfg)
-    if kind is not None:
-        for f in dataclasses.fields(kind):
-            yield f"{prefix}{f.name}", f, cfg
-    for name in cfg:
-        child = cfg._get_node(name)
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
-            yield from fields(child, f"{prefix}{name}.")
+    for prefix, node in _typed_blocks(cfg):
+        for f in dataclasses.fields(schema_of(node)):
+            yield f"{prefix}{f.name}", f, node
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -172,6 +176,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _typed_blocks(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """(dotted prefix, node) of every node of `cfg` built from a schema dataclass, depth first."""
     if schema_of(cfg) is not None:
         yield prefix, cfg
     for name in cfg:
@@ -250,9 +255,7 @@ def composition_error(error: BaseException) -> str | None:
     if f.metadata.get("nullable"):
         rule = Rule(f"{rule.text}, or null", rule.test)
     shown = repr(value) if isinstance(value, str) else as_typed(value)
-    return (
-        f"{cause.full_key}={shown} must be {rule.text}; e.g. {cause.full_key}={as_typed(f.metadata['example'])}{where}"
-    )
+    return refusal_line(str(cause.full_key), shown, rule, f.metadata["example"], where)
 
 
 def type_text(annotation) -> str:

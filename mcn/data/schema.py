@@ -9,25 +9,16 @@ from typing import Any
 from omegaconf import MISSING, DictConfig
 
 from mcn.errors import ConfigError
-from mcn.schema import FRACTION, NON_NEGATIVE, POSITIVE, SEED, WHOLE, Rule, key, list_of, one_of
+from mcn.schema import FRACTION, NON_NEGATIVE, POSITIVE, SEED, WHOLE, Rule, is_number, is_whole, key, list_of, one_of
 
-OPEN_FRACTION = Rule(
-    "a number strictly between 0 and 1", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
-)
+OPEN_FRACTION = Rule("a number strictly between 0 and 1", lambda v: is_number(v) and 0 < v < 1)
 SIDE = Rule(
     "a side > 0 or [height, width]",
     lambda v: (
-        (isinstance(v, int) and not isinstance(v, bool) and v > 0)
-        or (
-            isinstance(v, list)
-            and len(v) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v)
-        )
+        (is_whole(v) and v > 0) or (isinstance(v, list) and len(v) == 2 and all(is_whole(s) and s > 0 for s in v))
     ),
 )
-RANDAUGMENT = list_of(
-    Rule("", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0), "[num_ops, magnitude]"
-)
+RANDAUGMENT = list_of(Rule("", lambda v: is_whole(v) and v >= 0), "[num_ops, magnitude]")
 
 
 @dataclass
@@ -77,9 +68,7 @@ class ImageFolderConfig(DataConfig):
         "auto",
         "streamed: DataLoader processes reading batches from the cache (auto: cores - 1, at most 4; 0: the main "
         "process)",
-        Rule(
-            "auto or a count >= 0", lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-        ),
+        Rule("auto or a count >= 0", lambda v: v == "auto" or (is_whole(v) and v >= 0)),
     )
     download: bool = key(False, "nothing to download")
 
@@ -136,7 +125,7 @@ class IIDSplitConfig(SplitConfig):
     unique_fraction: float = key(
         0.15,
         "of the pool, each expert's own (shared + K x unique <= 1)",
-        Rule("a number in (0, 1]", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1),
+        Rule("a number in (0, 1]", lambda v: is_number(v) and 0 < v <= 1),
     )
 
     @classmethod

@@ -9,9 +9,9 @@ from typing import Any
 from omegaconf import MISSING, DictConfig
 
 from mcn.errors import ConfigError
-from mcn.schema import COUNT, Rule, key
+from mcn.schema import COUNT, Rule, is_number, key
 
-UNDER_ONE = Rule("a number in [0, 1)", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1)
+UNDER_ONE = Rule("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1)
 
 
 @dataclass

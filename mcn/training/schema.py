@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mcn.errors import ConfigError
-from mcn.schema import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, WHOLE, Rule, key, list_of, one_of
+from mcn.schema import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, WHOLE, Rule, is_number, key, list_of, one_of
 
 AUTO_SWITCH = one_of("auto", True, False)
 
@@ -170,9 +170,7 @@ class ProbeConfig:
     weight_decays: list[float] = key(
         [0.0, 0.01, 0.1, 1.0],
         "AdamW's (decoupled) weight decays, one fit each from the same start; the best on validation is kept",
-        list_of(
-            Rule("", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0), "weight decays >= 0"
-        ),
+        list_of(Rule("", lambda v: is_number(v) and v >= 0), "weight decays >= 0"),
         example=[0, 0.01, 0.1],
     )
     batch_size: int = key(256, "images per step of the fit", COUNT)
@@ -227,7 +225,7 @@ class FinetuneConfig:
         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
         "the mixing weights tried (w: (1-w) x epoch 0 + w x last epoch; 0 and 1 are those epochs, measured anyway)",
         list_of(
-            Rule("", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1),
+            Rule("", lambda v: is_number(v) and 0 < v < 1),
             "mixing weights strictly between 0 and 1",
         ),
         example=[0.25, 0.5, 0.75],
