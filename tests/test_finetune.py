@@ -168,6 +168,9 @@ def test_wise_ft_selected_as_the_best_is_what_is_tested(tmp_path, experts_dir, m
     monkeypatch.setattr(fusion_recipe, "evaluate", real)
     tested = components.evaluate_model(components.load_complete(tmp_path / "job"), tmp_path / "job")
     assert tested["global_accuracy"] == results["test_accuracy"]
+    card = json.loads((tmp_path / "job" / "MODEL_CARD_concatenation.json").read_text())
+    assert card["best_epoch"] == 2  # and the card says what epoch 2 is: no epoch 2 was trained
+    assert card["chosen_model"] == f"WiSE-FT: weight {results['wise_ft']['weight']:g} between epochs 0 and 1"
 
 
 def test_a_run_interrupted_in_the_wise_ft_grid_resumes_without_redoing_what_was_done(wise, tmp_path, experts_dir,
@@ -209,12 +212,41 @@ def test_early_stopping_can_count_from_the_best_fine_tuning_epoch(tmp_path, expe
 
     monkeypatch.setattr(loop, "evaluate", dip_then_climb)
     monkeypatch.setattr(fusion_recipe, "evaluate", dip_then_climb)
-    base = [*PROBE, "trainer.epochs=5", "trainer.early_stopping_patience=2", f"experts.dir={experts_dir}"]
-    stopped = run(compose_cfg(tmp_path, base), str(tmp_path / "best"))
+    base = [*PROBE, "trainer.epochs=5", "trainer.early_stopping_patience=2", "finetune.wise_ft=false",
+            f"experts.dir={experts_dir}"]  # fmt: skip
+    stopped = run(compose_cfg(tmp_path, [*base, "trainer.early_stopping_since=best"]), str(tmp_path / "best"))
     assert (stopped["best_epoch"], stopped["epochs_run"]) == (0, 2)  # patience from the probe ends it in the dip
     calls.clear()
-    climbed = run(compose_cfg(tmp_path, [*base, "trainer.early_stopping_since=best_fine_tuned"]), str(tmp_path / "ft"))
+    climbed = run(compose_cfg(tmp_path, base), str(tmp_path / "ft"))  # the default: from the best fine-tuning epoch
     assert (climbed["best_epoch"], climbed["epochs_run"]) == (0, 5)  # every epoch beat the last: no stop
+
+
+@pytest.mark.parametrize(
+    "overrides, alpha, wise_ft",
+    [
+        (["experts.dir={experts}"], 0.0, True),  # the probe: fine-tuning on the global loss, then WiSE-FT
+        (["experts.dir={experts}", "trainer.epochs=0"], 0.0, False),  # the probe alone: nothing to interpolate
+        (["experts.dir={experts}", "model.new_expert_heads=true"], 1.0, True),  # new heads learn from their terms
+        (["experts.dir={experts}", "probe.enabled=false"], 1.0, False),
+        (["experts.dir=null"], 1.0, False),  # experts from scratch: their own terms train them
+        (["experts.dir={experts}", "loss.alpha=0.5", "finetune.wise_ft=false"], 0.5, False),  # set outright: as set
+    ],
+)
+def test_the_joint_epochs_defaults_follow_the_probe(tmp_path, experts_dir, monkeypatch, overrides, alpha, wise_ft):
+    """loss.alpha=auto and finetune.wise_ft=auto: the experts' own terms off and WiSE-FT on after the probe
+    (docs/results.md §8); the terms on and no WiSE-FT without it. The loss weights are read as each epoch uses them."""
+    weights, real = [], FusionRecipe.start_epoch
+
+    def start_epoch(self, epoch):
+        real(self, epoch)
+        weights.append(self.objective.weights.tolist())
+
+    monkeypatch.setattr(FusionRecipe, "start_epoch", start_epoch)
+    args = [*PROBE[1:], "probe.enabled=auto", "trainer.epochs=2", *(o.format(experts=experts_dir) for o in overrides)]
+    out = run(compose_cfg(tmp_path, args), str(tmp_path / "job"))
+    assert weights == [[1.0] + [alpha] * 4] * out["epochs_run"] and out["expert_loss_weight"] == alpha
+    assert (out["wise_ft"] is not None) == wise_ft
+    assert FusionResults.read(FusionRunFiles(tmp_path / "job", "concatenation").results).expert_loss_weight == alpha
 
 
 @pytest.mark.parametrize(
@@ -235,3 +267,16 @@ def test_bad_finetune_settings_are_refused_in_one_line(tmp_path, experts_dir, ov
         FusionRecipe(cfg, tmp_path / "job").setup()
     assert named in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "job").exists()
+
+
+def test_the_default_after_the_probe_is_the_recipe_docs_results_8_measured(tmp_path, experts_dir):
+    """The defaults with pretrained experts train exactly as `tuning=[ft_no_expert_loss,wise_ft]` did in the
+    measurements that made them the defaults: same epochs, same WiSE-FT grid, same chosen model, same test score."""
+    base = [*PROBE[1:], "probe.enabled=auto", "trainer.epochs=2", f"experts.dir={experts_dir}",
+            "finetune.wise_ft_weights=[0.25,0.5,0.75]"]  # fmt: skip
+    default = run(compose_cfg(tmp_path, base), str(tmp_path / "default"))
+    recipe = run(compose_cfg(tmp_path, [*base, "tuning=[ft_no_expert_loss,wise_ft]"]), str(tmp_path / "recipe"))
+    same = ("best_epoch", "best_val_accuracy", "test_accuracy", "test_loss", "epochs_run", "wise_ft")
+    assert {k: default[k] for k in same} == {k: recipe[k] for k in same}
+    assert {**default["probe"], "seconds": 0} == {**recipe["probe"], "seconds": 0}  # the same fit (its time aside)
+    assert default["wise_ft"]["val_accuracy"].keys() == {"0.25", "0.5", "0.75"}

@@ -52,9 +52,10 @@ def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):
         "ft_no_expert_loss",
         "ft_alpha_linear",
         "wise_ft",
+        "ft_plain",
     }
     assert known <= set(options)
-    # a command-line pin of probe.enabled would override the presets' own; a short probe keeps 14 presets quick
+    # a command-line pin of probe.enabled would override the presets' own; a short probe keeps 15 presets quick
     base = [o for o in TINY if not o.startswith("probe.")] + ["probe.epochs=5", "probe.weight_decays=[0.0]"]
     defaults = compose_cfg(tmp_path, base=base)
     for option in options:
@@ -63,7 +64,7 @@ def test_every_tuning_preset_composes_and_trains(tmp_path, experts_dir):
         assert results["epochs_run"] == 3 and results["baselines"]["pretrained"]["logit_average"] is not None
         changed = {
             key
-            for block in ("model", "loss", "augment", "trainer", "probe", "finetune")
+            for block in ("model", "loss", "augment", "optim", "trainer", "probe", "finetune")
             for key, value in results["config"][block].items()
             if value != defaults[block][key]
         } - {"epochs"}

@@ -180,6 +180,8 @@ def test_the_model_cards_numbers_equal_the_results_json(trained):
         assert card["baselines"]["joint"][name] == {k: metrics[k] for k in ("accuracy", "nll", "ece")}
     assert card["learning_rates"] == results.learning_rates and card["code"]["hash"] == results.code["hash"]
     assert card["best_epoch"] == results.best_epoch and card["data"]["split"]["hash"] == results.split_hash
+    assert card["chosen_model"] == f"training epoch {results.best_epoch}"  # probe.enabled=false: no epoch 0
+    assert card["expert_loss_weight"] == results.expert_loss_weight == 1.0
     text = md.read_text()
     assert f"| **fusion** | {results.test_accuracy:.4f} |" in text and results.code["hash"] in text
     assert f'mcn.load("{files.root.resolve()}")' in text

@@ -4,6 +4,7 @@ resumes to the same result. Also the class-split options: the dual-path loss's e
 own classes, and new expert heads at the fusion stage."""
 
 import copy
+import json
 import os
 import signal
 
@@ -100,9 +101,12 @@ def test_the_probe_can_be_the_best_epoch_and_alone(tmp_path, experts_dir, monkey
         return metrics | {"global_accuracy": metrics["global_accuracy"] - 0.5}
 
     monkeypatch.setattr(loop, "evaluate", worse)
-    cfg = compose_cfg(tmp_path, [*PROBE, f"experts.dir={experts_dir}"])
+    # WiSE-FT off: its mixtures are measured as they are, and one could beat the probe
+    cfg = compose_cfg(tmp_path, [*PROBE, f"experts.dir={experts_dir}", "finetune.wise_ft=false"])
     results = run(cfg, str(tmp_path / "ft"))
     assert results["best_epoch"] == 0 and results["epochs_run"] == 2
+    card = json.loads((tmp_path / "ft" / "MODEL_CARD_concatenation.json").read_text())
+    assert card["chosen_model"] == "the probe: fusion module and global head fitted on the frozen experts"
     tested = components.evaluate_model(components.load_complete(tmp_path / "ft"), tmp_path / "ft")
     assert tested["global_accuracy"] == results["test_accuracy"]
     assert load_checkpoint(FusionRunFiles(tmp_path / "ft", "concatenation").complete())["epoch"] == 0

@@ -79,7 +79,7 @@ def test_crash_leaves_a_partial_temp_file_that_resume_ignores(tmp_path, monkeypa
 
 def test_changed_config_continues_only_when_told(tmp_path):
     run(compose_cfg(tmp_path, [*RUN, "trainer.epochs=2"]), str(tmp_path / "job"))
-    with pytest.raises(ConfigError, match=r"loss.alpha: 1.0 -> 2.0"):
+    with pytest.raises(ConfigError, match=r"loss.alpha: auto -> 2.0"):
         run(compose_cfg(tmp_path, [*RUN, "trainer.epochs=2", "loss.alpha=2.0"]), str(tmp_path / "job"))
     out = run(compose_cfg(tmp_path, [*RUN, "trainer.epochs=3", "trainer.resume=force"]), str(tmp_path / "job"))
     assert out["epochs_run"] == 3

@@ -214,6 +214,7 @@ def test_sweep_csv_has_a_row_for_every_model_and_test(sweep, robustness_output):
         pairs = [(_model(r), _test(r)) for r in rows]
         assert len(pairs) == len(set(pairs)) == len(models) * len(tests) == 11 * (51 + 3 * len(sets))
         assert set(pairs) == {(m, t) for m in models for t in tests}
+        # loss.alpha as the run used it: auto without the probe (TINY turns it off) is 1
         assert {r["fusion_type"] for r in rows} == {fusion} and {r["alpha"] for r in rows} == {"1.0"}
 
 

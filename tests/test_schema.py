@@ -137,6 +137,14 @@ def test_a_value_of_the_wrong_type_is_refused_while_composing_in_one_line(dotted
         (["probe.enabled=true", "experts.dir=null"], "probe.enabled=true fits the fusion on the pretrained experts"),
         (["trainer.epochs=0"], "trainer.epochs=0 must be a whole number > 0 without the probe"),
         (["finetune.wise_ft=true"], "finetune.wise_ft=true interpolates from epoch 0, the probe, but this run has no"),
+        (
+            ["experts.dir=/pretrained", "probe.enabled=auto", "loss.expert_targets=own_classes"],
+            "loss.expert_targets=own_classes limits the experts' own loss terms, but loss.alpha=auto is 0 here",
+        ),
+        (
+            ["experts.dir=/pretrained", "probe.enabled=auto", "finetune.alpha_schedule=linear"],
+            "finetune.alpha_schedule=linear fades the experts' own loss terms from loss.alpha, but loss.alpha=auto",
+        ),
         (["model.new_expert_heads=true", "loss.alpha=0"], "model.new_expert_heads=true starts the experts' heads anew"),
         (["model.new_expert_heads=true", "model.ensemble_start=true"], "model.ensemble_start=true starts from the"),
         (

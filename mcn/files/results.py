@@ -37,6 +37,7 @@ class FusionResults:
     wall_time_s: float  # training, without the final test pass
     test_loss: float | None = None  # the dual-path objective's
     learning_rates: dict | None = None  # base_lr, head_lr as used, and the input-width rule
+    expert_loss_weight: float | None = None  # loss.alpha as used (auto resolved; in epoch 1 under a linear schedule)
     probe: dict | None = None  # the probe's fit (mcn.training.probe.ProbeFit) when probe.enabled; epoch 0's weights
     wise_ft: dict | None = None  # finetune.wise_ft: the grid, the chosen weight, its epoch label, whether selected
     epochs_planned: int | None = None

@@ -138,6 +138,7 @@ def card(files: FusionRunFiles, rule: InputRule, temperature: dict) -> dict:
         "run": str(run),
         "checkpoint": files.complete().name,
         "best_epoch": r.best_epoch,
+        "chosen_model": chosen_model(r),
         "best_val_accuracy": r.best_val_accuracy,
         "data": {
             "name": config.get("data", {}).get("name"),
@@ -151,6 +152,7 @@ def card(files: FusionRunFiles, rule: InputRule, temperature: dict) -> dict:
         "fusion": arch["fusion"],
         "seed": r.seed,
         "learning_rates": r.learning_rates,
+        "expert_loss_weight": r.expert_loss_weight,
         "test": test,
         "baselines": {"joint": _metrics(joint), "pretrained": _metrics(pretrained) if pretrained else None},
         "seed_study": _study_rows(files),
@@ -162,6 +164,17 @@ def card(files: FusionRunFiles, rule: InputRule, temperature: dict) -> dict:
             "command": f"python -m mcn.predict {run} images/ --output predictions.csv",
         },
     }
+
+
+def chosen_model(r: FusionResults) -> str:
+    """What the best epoch's weights are, in words: the probe, a fine-tuning epoch, or WiSE-FT's mixture."""
+    wise = r.wise_ft or {}
+    if wise.get("selected") and wise.get("epoch") == r.best_epoch:
+        first, last = wise["between_epochs"]
+        return f"WiSE-FT: weight {wise['weight']:g} between epochs {first} and {last}"
+    if r.best_epoch == 0 and r.probe is not None:
+        return "the probe: fusion module and global head fitted on the frozen experts"
+    return f"training epoch {r.best_epoch}"
 
 
 def _metrics(baselines: dict) -> dict:
@@ -198,7 +211,8 @@ def markdown(c: dict) -> str:
     lines = [
         f"# Model card: {c['fusion_type']} fusion",
         "",
-        f"Run `{c['run']}`, best epoch {c['best_epoch']} (validation accuracy {_num(c['best_val_accuracy'])}), "
+        f"Run `{c['run']}`, best epoch {c['best_epoch']} ({c['chosen_model']}; validation accuracy "
+        f"{_num(c['best_val_accuracy'])}), "
         f"checkpoint `{c['checkpoint']}`.",
         "",
         "## Data",

@@ -4,7 +4,8 @@ Feature flags (all in the config):
 - `optim.base_lr` / `optim.head_lr`: experts learn slowly, fusion + global head fast (the AdamW
   defaults are the guide's per fusion type); `optim.input_width_rule=true` scales both by the feature
   width as the reference did (docs/reference.md §3; logged and saved);
-- `loss.alpha`: weight of the experts' own losses in `CE(global) + alpha * sum_k CE(expert_k)` (0: off);
+- `loss.alpha`: weight of the experts' own losses in `CE(global) + alpha * sum_k CE(expert_k)` (0: off; auto, the
+  default: 0 after the probe, 1 without it);
   `loss.expert_targets=own_classes` counts expert k's term only on samples of the classes in its pretraining share,
   so that under a class split joint training does not retrain every expert on every class;
 - `model.new_expert_heads`: every expert's own head starts anew at the fusion stage (after the pretrained experts'
@@ -22,12 +23,12 @@ Feature flags (all in the config):
   there, and epoch 0 competes for the best epoch like any other (`trainer.epochs=0`: the probe alone);
 - `finetune.*`: how the joint epochs fine-tune after the probe (mcn.training.finetune): the experts' BatchNorm
   statistics frozen, surgical fine-tuning of their last stage, the experts' loss terms fading out, WiSE-FT
-  (`wise_ft`: after the last epoch, the model interpolated between epoch 0 and the last epoch, the mixing weight
-  chosen on validation; the chosen mixture is saved as epoch `last + 1`, components and complete model, its record
-  naming the weight, and competes for the best epoch like any other);
+  (`wise_ft`, on by default after the probe: after the last epoch, the model interpolated between epoch 0 and the
+  last epoch, the mixing weight chosen on validation; the chosen mixture is saved as epoch `last + 1`, components
+  and complete model, its record naming the weight, and competes for the best epoch like any other);
 - `trainer.early_stopping_patience`: stop after that many epochs without a better validation
-  accuracy (null: off), counted from the best epoch or, with `trainer.early_stopping_since=best_fine_tuned`, from the
-  best fine-tuning epoch (a dip below the probe does not end the stage);
+  accuracy (null: off), counted from the best fine-tuning epoch (a dip below the probe does not end the stage) or,
+  with `trainer.early_stopping_since=best`, from the best epoch, the probe's included;
 - `trainer.precision` / `channels_last` / `compile` / `data_on_device`: speed, `auto` = fast on GPU.
 
 Model selection uses the validation part of the fusion holdout only; the test set is evaluated
@@ -75,7 +76,7 @@ from mcn.training.loop import UNDEFINED, Distillation, EpochLoop, Objective, eva
 from mcn.training.optim import input_width_lrs, optimizer_from_config, schedule_from_config
 from mcn.training.probe import expert_outputs, fit_probe
 from mcn.training.runtime import Runtime, seed_everything, stream_seeds
-from mcn.training.schema import probe_on
+from mcn.training.schema import expert_loss_weight, probe_on, wise_ft_on
 from mcn.training.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -144,12 +145,24 @@ class FusionRecipe:
             f"{len(self.test_batches.labels)} test images" if self.reads_test else "no test images (a search's trial)",
             self.runtime.describe(),
         )
+        if self.probe_on:
+            log.info(
+                "after the probe: the experts' own loss terms weigh %g (loss.alpha=%s), WiSE-FT %s "
+                "(finetune.wise_ft=%s), early stopping counted from the %s",
+                self.alpha,
+                cfg.loss.alpha,
+                "on" if self.wise_ft_on else "off",
+                cfg.finetune.wise_ft,
+                "best fine-tuning epoch" if cfg.trainer.early_stopping_since == "best_fine_tuned" else "best epoch",
+            )
 
     def _check_inputs(self) -> None:
         """The config against its schema, and the expert files it names: ConfigError or CheckpointError in one line."""
         cfg = self.cfg
         check_config(cfg)
         self.probe_on = probe_on(cfg)
+        self.alpha = expert_loss_weight(cfg)  # loss.alpha as used (auto resolved)
+        self.wise_ft_on = wise_ft_on(cfg)
         if cfg.experts.dir is not None:  # every file must be there before anything is written
             paths = [pretrained_expert_path(cfg.experts.dir, cfg.experts.filename, i) for i in range(cfg.experts.num)]
             missing = [str(p) for p in paths if not p.is_file()]
@@ -292,7 +305,7 @@ class FusionRecipe:
             distillation = Distillation(teacher, float(loss.distill_weight), float(loss.distill_temperature), rt)
         self.objective = Objective.dual_path(
             self.raw_model.num_experts,
-            loss.alpha,
+            self.alpha,
             rt.device,
             expert_classes=self._own_classes() if loss.expert_targets == "own_classes" else None,
             make_targets=self.augmentation.make_targets,
@@ -345,7 +358,7 @@ class FusionRecipe:
             log.info("model.new_expert_heads=true: every expert's own head starts anew over all classes")
         loop = EpochLoop.from_config(self, self.cfg.trainer.epochs, self.cfg.trainer, judge=self.judge)
         best, epochs_run, seconds = loop.run()
-        if self.cfg.finetune.wise_ft and not loop.pruned:
+        if self.wise_ft_on and not loop.pruned:
             best = self.interpolate_epochs(best, epochs_run, seconds)
         if not self.reads_test:
             return self.finish_trial(best, epochs_run, seconds, pruned=loop.pruned)
@@ -394,7 +407,7 @@ class FusionRecipe:
     def start_epoch(self, epoch: int) -> None:
         cfg = self.cfg
         self.raw_model.experts_frozen = epoch <= cfg.trainer.freeze_experts_epochs
-        alpha = alpha_at(float(cfg.loss.alpha), cfg.finetune.alpha_schedule, epoch, int(cfg.trainer.epochs))
+        alpha = alpha_at(self.alpha, cfg.finetune.alpha_schedule, epoch, int(cfg.trainer.epochs))
         self.objective.weights[1:] = alpha
 
     def interpolate_epochs(self, best: dict, last: int, seconds: float) -> dict:
@@ -566,6 +579,7 @@ class FusionRecipe:
             experts_from=[s["path"] for s in self.expert_sources],
             parameters=m.parameter_counts(),
             learning_rates=self.lrs,
+            expert_loss_weight=self.alpha,
             probe=self._probe_record(),
             wise_ft=self.wise_ft,
             epochs_planned=int(self.cfg.trainer.epochs),

@@ -9,7 +9,19 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mcn.errors import ConfigError
-from mcn.schema import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, WHOLE, Rule, is_number, key, list_of, one_of
+from mcn.schema import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    WHOLE,
+    Rule,
+    as_typed,
+    is_number,
+    key,
+    list_of,
+    one_of,
+)
 
 AUTO_SWITCH = one_of("auto", True, False)
 
@@ -60,10 +72,12 @@ class TrainerConfig:
         None, "epochs without a better validation accuracy before stopping; null: off", COUNT, example=10, nullable=True
     )
     early_stopping_since: str = key(
-        "best",
-        "fusion stage with the probe: best: patience counts from the best epoch, the probe's (epoch 0) included | "
-        "best_fine_tuned: from the best fine-tuning epoch (1..), so a recipe can climb out of its first-epoch dip",
-        one_of("best", "best_fine_tuned"),
+        "best_fine_tuned",
+        "fusion stage with the probe: best_fine_tuned: patience counts from the best fine-tuning epoch (1..), so the "
+        "stage can climb out of its first-epoch dip (docs/results.md §8) | best: from the best epoch, the probe's "
+        "(epoch 0) included; without the probe both are the same",
+        one_of("best_fine_tuned", "best"),
+        example="best",
     )
     device: str = key("auto", "auto: cuda when visible, else cpu; or a torch device (cpu, cuda, cuda:1)")
     precision: str = key(
@@ -195,6 +209,25 @@ def probe_on(cfg: DictConfig) -> bool:
     return cfg.probe.enabled is True or (cfg.probe.enabled == "auto" and cfg.experts.dir is not None)
 
 
+def expert_loss_weight(cfg: DictConfig) -> float:
+    """`loss.alpha` as the fusion stage uses it: the number set, or for `auto` 0 after the probe and 1 without it or
+    with `model.new_expert_heads`. Measured (docs/results.md §8): after the probe, the experts' own terms pull their
+    features towards their own heads and away from what the fitted global head reads."""
+    alpha = cfg.loss.alpha
+    if alpha != "auto":
+        return float(alpha)
+    return 0.0 if probe_on(cfg) and not cfg.model.new_expert_heads else 1.0
+
+
+def wise_ft_on(cfg: DictConfig) -> bool:
+    """Whether WiSE-FT ends the fusion stage: `finetune.wise_ft=true`, or `auto` with the probe on and fine-tuning
+    epochs to interpolate towards."""
+    wise = cfg.finetune.wise_ft
+    if wise == "auto":
+        return probe_on(cfg) and int(cfg.trainer.epochs) > 0
+    return bool(wise)
+
+
 @dataclass
 class FinetuneConfig:
     """Fusion stage, the joint epochs after the probe (mcn.training.finetune; measured in docs/results.md §7, §8)."""
@@ -216,10 +249,13 @@ class FinetuneConfig:
         "constant: loss.alpha in every epoch | linear: loss.alpha in epoch 1, falling linearly towards 0",
         one_of("constant", "linear"),
     )
-    wise_ft: bool = key(
-        False,
+    wise_ft: Any = key(
+        "auto",
         "WiSE-FT: after the last epoch, the whole MCN interpolated in weight space between epoch 0 (the probe) and "
-        "the last epoch, the mixing weight chosen on validation; needs the probe",
+        "the last epoch, the mixing weight chosen on validation; true needs the probe; auto: on when the probe runs "
+        "and trainer.epochs > 0 (measured in docs/results.md §8)",
+        AUTO_SWITCH,
+        example=False,
     )
     wise_ft_weights: list[float] = key(
         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
@@ -233,7 +269,13 @@ class FinetuneConfig:
 
     @classmethod
     def check(cls, node: DictConfig, cfg: DictConfig) -> None:
-        if not node.wise_ft:
+        if node.alpha_schedule == "linear" and expert_loss_weight(cfg) == 0:
+            raise ConfigError(
+                f"finetune.alpha_schedule=linear fades the experts' own loss terms from loss.alpha, but loss.alpha="
+                f"{as_typed(cfg.loss.alpha)} is 0 here (auto: 0 after the probe); set loss.alpha=1 or "
+                f"finetune.alpha_schedule=constant"
+            )
+        if node.wise_ft is not True:
             return
         if not probe_on(cfg):
             raise ConfigError(
@@ -251,7 +293,14 @@ class FinetuneConfig:
 class LossConfig:
     """Fusion stage loss (mcn.training.loop.Objective): CE(global) + alpha * sum_k CE(expert_k) + distillation."""
 
-    alpha: float = key(1.0, "the weight of the experts' own terms, sum_k CE(expert_k); 0: off", NON_NEGATIVE)
+    alpha: Any = key(
+        "auto",
+        "the weight of the experts' own terms, sum_k CE(expert_k); 0: off; auto: 0 after the probe (the joint epochs "
+        "fine-tune on the global head's loss alone, measured in docs/results.md §8), 1 without the probe or with "
+        "model.new_expert_heads (their own terms are what trains the experts' heads)",
+        Rule("auto or a finite number >= 0", lambda v: v == "auto" or NON_NEGATIVE.test(v)),
+        example=1.0,
+    )
     expert_targets: str = key(
         "all",
         "all: expert k's term over every sample | own_classes: only samples of the classes in its pretraining share",
@@ -267,6 +316,12 @@ class LossConfig:
 
     @classmethod
     def check(cls, node: DictConfig, cfg: DictConfig) -> None:
+        if node.expert_targets == "own_classes" and expert_loss_weight(cfg) == 0:
+            raise ConfigError(
+                f"loss.expert_targets=own_classes limits the experts' own loss terms, but loss.alpha="
+                f"{as_typed(node.alpha)} is 0 here (auto: 0 after the probe), so they are off; set loss.alpha=1 or "
+                f"loss.expert_targets=all"
+            )
         if node.distill_weight and cfg.experts.dir is None:
             raise ConfigError(
                 f"loss.distill_weight={node.distill_weight} distils from the pretrained experts, but experts.dir "

@@ -34,6 +34,7 @@ from mcn.files import (
 from mcn.models import MCN
 from mcn.training.config import expert_specs
 from mcn.training.runtime import Runtime
+from mcn.training.schema import expert_loss_weight
 
 COLUMNS = [
     "model_type",
@@ -263,7 +264,7 @@ def measure_run(run: FusionRunFiles, device: str | None = None, batch_size: int 
         runtime,
         batch_size or cfg.trainer.batch_size,
     )
-    rows = [{"fusion_type": run.fusion_type, "alpha": cfg.loss.alpha, **row} for row in rows]
+    rows = [{"fusion_type": run.fusion_type, "alpha": expert_loss_weight(cfg), **row} for row in rows]
     mismatches = check_against_record(rows, results, run.results)
     seconds = time.perf_counter() - start
     where = f"cpu, torch threads: {torch.get_num_threads()}" if runtime.device.type == "cpu" else str(runtime.device)
