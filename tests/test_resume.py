@@ -84,3 +84,20 @@ def test_changed_config_continues_only_when_told(tmp_path):
     out = run(compose_cfg(tmp_path, [*RUN, "trainer.epochs=3", "trainer.resume=force"]), str(tmp_path / "job"))
     assert out["epochs_run"] == 3
     assert [r["epoch"] for r in rows(tmp_path / "job") if r["phase"] == "val"] == ["1", "2", "3"]
+
+
+def test_a_run_started_under_the_old_joint_stage_defaults_continues_with_ft_plain(tmp_path, monkeypatch, uninterrupted):
+    """docs/how-to/resume.md: a run saved with the values the defaults had before docs/results.md §8 is refused
+    by the same command, naming them, and continues as it began with `tuning=ft_plain` added."""
+    before = ["loss.alpha=1.0", "finetune.wise_ft=false", "trainer.early_stopping_since=best"]
+    interrupt_epoch(monkeypatch, 3, signal.SIGTERM)
+    with pytest.raises(RunInterrupted):
+        run(compose_cfg(tmp_path, [*RUN, *before]), str(tmp_path / "job"))
+    monkeypatch.undo()
+    named = "finetune.wise_ft: False -> auto; loss.alpha: 1.0 -> auto; trainer.early_stopping_since: best -> best_fine"
+    with pytest.raises(ConfigError, match=named):
+        run(compose_cfg(tmp_path, RUN), str(tmp_path / "job"))
+    run(compose_cfg(tmp_path, [*RUN, "tuning=ft_plain"]), str(tmp_path / "job"))
+    # without the probe (RUN's) the old values and today's defaults train alike: the uninterrupted run is the reference
+    assert rows(tmp_path / "job") == rows(uninterrupted)
+    assert results(tmp_path / "job") == results(uninterrupted)
