@@ -42,7 +42,7 @@ from scipy import stats
 
 from mcn.errors import MCNError
 from mcn.evaluation.baselines import BASELINES, CALIBRATION_METRICS, FLAG
-from mcn.evaluation.summary import COLUMN_LEGEND, EXPERT_SETS, baseline_column, value_range
+from mcn.evaluation.summary import COLUMN_LEGEND, EXPERT_SETS, JOINT_HEADS, baseline_column, value_range
 from mcn.evaluation.tables import latex_table, markdown_table
 from mcn.files import write_csv, write_text
 from mcn.training.config import REPLICATE_IGNORES, with_added_keys
@@ -324,7 +324,7 @@ STUDY_LEGEND = COLUMN_LEGEND | {
     "test_accuracy 95 % CI": "95 % confidence interval of the mean test accuracy (t distribution, n - 1 degrees of "
     "freedom), clipped to [0, 1], the values an accuracy can take",
     "baseline": "whose experts (pretrained: as they came in; joint: after joint training) and which baseline, "
-    "computed in the same run on the same test set",
+    "computed in the same run on the same test set; joint" + JOINT_HEADS,
     "fusion": "the fusion's test accuracy over these runs, mean ± std",
     "baseline mean": "the baseline's test accuracy over these runs, mean ± std",
     "difference": "mean over the runs of fusion - baseline (test accuracy), run by run",

@@ -218,6 +218,13 @@ def oracle_gap_used(results: FusionResults) -> float | None:
     return (results.test_accuracy - average) / (oracle - average)
 
 
+# with loss.alpha at 0 (auto's value after the probe) nothing trains the experts' own heads to classify on their own,
+# so the "joint" numbers read their pretrained heads on features that moved (docs/results.md §8)
+JOINT_HEADS = (
+    " (with loss.alpha at 0, auto's value after the probe, the experts' own loss terms are off and nothing trains "
+    "their heads to fit the features that moved: compare with the pretrained columns)"
+)
+
 # what each per-run column says: written under the tables that show it (here and in mcn.evaluation.study)
 COLUMN_LEGEND = {
     "fusion_type": "the fusion module's type",
@@ -232,11 +239,12 @@ COLUMN_LEGEND = {
     "test_accuracy": "the fusion's (global head's) test accuracy",
     "test_nll": "the fusion's test negative log-likelihood (mean cross-entropy)",
     "test_ece": "the fusion's test expected calibration error (15 equal-width confidence bins)",
-    "ensemble_test_accuracy": "test accuracy of the logit average of the experts after joint training",
-    "oracle_test_accuracy": "share of test images that at least one expert (after joint training) gets right",
+    "ensemble_test_accuracy": "test accuracy of the logit average of the experts after joint training" + JOINT_HEADS,
+    "oracle_test_accuracy": "share of test images that at least one expert (after joint training) gets right"
+    + JOINT_HEADS,
     "oracle_gap_used": "(fusion - logit average) / (oracle - logit average) on test, for the experts after joint "
     "training: the share of their disagreement the fusion turns into accuracy (1: as good as always picking a right "
-    "expert; 0: no better than their average; below 0: worse)",
+    "expert; 0: no better than their average; below 0: worse)" + JOINT_HEADS,
     "pretrained_logit_average_test_accuracy": "test accuracy of the pretrained experts' logit average",
     "pretrained_best_single_expert_test_accuracy": "test accuracy of the pretrained expert best on validation",
     "epochs_run": "training epochs run",
