@@ -1,14 +1,15 @@
 """Why does joint fine-tuning lose accuracy right after the probe? One fine-tuning epoch, watched step by step.
 
     python scripts/finetune_diagnosis.py experiment=fashion_study split=classes seed=0 fusion=concatenation \
-        --every 8 --out docs/figures/diagnosis_classes_s0
+        tuning=ft_plain --every 8 --out docs/figures/diagnosis_classes_s0
 
 Sets up the fusion stage exactly as `python -m mcn.train` would with the same overrides (the pretrained experts must
 exist), fits the probe (epoch 0), then runs the first fine-tuning epoch once per variant, each from the probe's
 weights, measuring the global head's validation accuracy every `--every` steps. Each variant takes one suspect
 away (docs/results.md §7 reads the curves):
 
-- `default`: the stage as configured;
+- `default`: the stage as configured (`tuning=ft_plain`: the guide's plain stage, which docs/results.md §7 diagnosed;
+  under today's defaults it is `alpha0`);
 - `bn_frozen`: the experts' BatchNorm layers in eval mode (statistics fixed, weights learning);
 - `warmup`: both rates warmed up linearly over the epoch (no rate shock on the converged head);
 - `alpha0`: the experts' own loss terms off (loss.alpha=0);

@@ -14,6 +14,7 @@ from mcn.errors import ConfigError
 from mcn.evaluation import components
 from mcn.files import FusionResults, FusionRunFiles, load_checkpoint, load_train_state, read_csv
 from mcn.models import MCN, create_expert, create_fusion
+from mcn.recipes import run_recipe
 from mcn.recipes.fusion import FusionRecipe
 from mcn.train import run
 from mcn.training.finetune import alpha_at, freeze_early_expert_layers, interpolate_weights
@@ -280,3 +281,23 @@ def test_the_default_after_the_probe_is_the_recipe_docs_results_8_measured(tmp_p
     assert {k: default[k] for k in same} == {k: recipe[k] for k in same}
     assert {**default["probe"], "seconds": 0} == {**recipe["probe"], "seconds": 0}  # the same fit (its time aside)
     assert default["wise_ft"]["val_accuracy"].keys() == {"0.25", "0.5", "0.75"}
+    # the model rebuilt from its files measures the same test loss, with the experts' terms weighed as in the run
+    rebuilt = components.evaluate_model(components.load_complete(tmp_path / "default"), tmp_path / "default")
+    assert rebuilt["loss"] == pytest.approx(default["test_loss"], rel=1e-5)
+
+
+def test_a_search_trial_hears_the_wise_ft_mixture_as_the_epoch_after_the_last(tmp_path, experts_dir):
+    """A trial's value (mcn.search.worker.tell: the best value it heard) counts the mixture, which the run keeps
+    when it is the best on validation."""
+    heard = {}
+
+    def judge(epoch, val):
+        heard[epoch] = val["global_accuracy"]
+        return False
+
+    cfg = compose_cfg(tmp_path, [*PROBE, *WISE, "trainer.epochs=2", f"experts.dir={experts_dir}"])
+    recipe = FusionRecipe(cfg, tmp_path / "trial", judge=judge)
+    record = run_recipe(recipe)
+    assert sorted(heard) == [0, 1, 2, 3]
+    assert heard[3] == record["wise_ft"]["val_accuracy"][f"{record['wise_ft']['weight']:g}"]
+    assert record["best_val_accuracy"] == max(heard.values())

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 import mcn.training.loop as loop
 from mcn.errors import CheckpointError, ConfigError
 from mcn.files import EpochCsv, FusionRunFiles, save_torch
-from mcn.training.config import config_changes, resume_changes
+from mcn.training.config import config_changes, restoring_overrides, resume_changes
 from mcn.training.loop import EpochLoop, Objective
 from mcn.training.tracking import RunTracker
 
@@ -118,3 +118,20 @@ def test_config_changes_name_every_changed_leaf():
     # how a run is resumed, shown or logged does not change what it computes
     assert resume_changes(old, new) == config_changes(old, new)[:4]
     assert resume_changes({"logger": {"mode": "offline"}}, {"logger": {"mode": "disabled"}}) == []
+
+
+def test_restoring_overrides_give_back_every_changed_scalar_with_its_type():
+    old = {"loss": {"alpha": 1.0}, "finetune": {"wise_ft": False}, "trainer": {"resume": "auto", "note": "1.0"},
+           "model": {"name": None, "tag": "a b"}}  # fmt: skip
+    new = {"loss": {"alpha": "auto"}, "finetune": {"wise_ft": "auto"}, "trainer": {"resume": "force", "note": "x"},
+           "model": {"name": "wrn", "tag": "c"}}  # fmt: skip
+    assert restoring_overrides(old, new, ("trainer.resume",)) == [
+        "finetune.wise_ft=false",
+        "loss.alpha=1.0",
+        "model.name=null",
+        "model.tag='a b'",
+        "trainer.note='1.0'",  # a string that Hydra would read as a number stays a string
+    ]
+    assert restoring_overrides(old, old, ()) == []
+    assert restoring_overrides({"optim": {"betas": [0.9, 0.99]}}, {"optim": {"betas": [0.9, 0.9]}}, ()) == []
+    assert restoring_overrides({"gone": 1}, {}, ()) == []  # a key absent on one side: no override undoes that

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+import shlex
 import signal
 
 import pytest
@@ -86,18 +88,21 @@ def test_changed_config_continues_only_when_told(tmp_path):
     assert [r["epoch"] for r in rows(tmp_path / "job") if r["phase"] == "val"] == ["1", "2", "3"]
 
 
-def test_a_run_started_under_the_old_joint_stage_defaults_continues_with_ft_plain(tmp_path, monkeypatch, uninterrupted):
-    """docs/how-to/resume.md: a run saved with the values the defaults had before docs/results.md §8 is refused
-    by the same command, naming them, and continues as it began with `tuning=ft_plain` added."""
-    before = ["loss.alpha=1.0", "finetune.wise_ft=false", "trainer.early_stopping_since=best"]
+def test_a_run_started_under_the_old_joint_stage_defaults_continues_as_it_began(tmp_path, monkeypatch, uninterrupted):
+    """docs/how-to/resume.md: a run saved with the values the defaults had before docs/results.md §8 is refused by
+    the same command, naming them and the overrides that continue it as it began (those of `tuning=ft_plain`)."""
+    before = ["finetune.wise_ft=false", "loss.alpha=1.0", "trainer.early_stopping_since=best"]
     interrupt_epoch(monkeypatch, 3, signal.SIGTERM)
     with pytest.raises(RunInterrupted):
         run(compose_cfg(tmp_path, [*RUN, *before]), str(tmp_path / "job"))
     monkeypatch.undo()
     named = "finetune.wise_ft: False -> auto; loss.alpha: 1.0 -> auto; trainer.early_stopping_since: best -> best_fine"
-    with pytest.raises(ConfigError, match=named):
+    with pytest.raises(ConfigError, match=named) as refused:
         run(compose_cfg(tmp_path, RUN), str(tmp_path / "job"))
-    run(compose_cfg(tmp_path, [*RUN, "tuning=ft_plain"]), str(tmp_path / "job"))
+    hint = re.search(r"; add (.+) to the command to continue as it began, set trainer.resume=force", str(refused.value))
+    assert shlex.split(hint.group(1)) == before
+    assert compose_cfg(tmp_path, [*RUN, "tuning=ft_plain"]) == compose_cfg(tmp_path, [*RUN, *before])
+    run(compose_cfg(tmp_path, [*RUN, *shlex.split(hint.group(1))]), str(tmp_path / "job"))
     # without the probe (RUN's) the old values and today's defaults train alike: the uninterrupted run is the reference
     assert rows(tmp_path / "job") == rows(uninterrupted)
     assert results(tmp_path / "job") == results(uninterrupted)

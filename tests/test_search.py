@@ -269,3 +269,24 @@ def test_a_long_sweep_job_name_is_cut_short_with_a_hash():
     other = long.replace("k11", "k12")
     assert len(job_dirname(long).encode()) <= 200 and job_dirname(long) != job_dirname(other)
     assert job_dirname(long).startswith("0_optim.k0=") and job_dirname("é" * 150)  # cut at a character boundary
+
+
+def test_a_search_relaunched_after_mcns_defaults_changed_names_the_overrides_that_go_on_with_it(tmp_path):
+    """The same command under another mcn's defaults composes another config: the refusal names the overrides that
+    give the search's config back, and the command with them added goes on with it (here: finds it finished)."""
+    args = [*QUICK, "trainer.epochs=1", "search.name=lr", SPACE, "search.n_trials=1", "search.workers=1"]
+    first = run_cli(args, tmp_path, module="mcn.tune")
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = tmp_path / "outputs" / "search" / "lr"
+    manifest = json.loads((folder / "search.json").read_text())  # as an mcn before docs/results.md §8 wrote it
+    manifest["config"]["loss"]["alpha"], manifest["config"]["finetune"]["wise_ft"] = 1.0, False
+    (folder / "search.json").write_text(json.dumps(manifest))
+    refused = run_cli(args, tmp_path, module="mcn.tune")
+    [line] = [x for x in refused.stderr.splitlines() if x.startswith("mcn: error:")]
+    assert refused.returncode == 2 and "finetune.wise_ft: False -> auto; loss.alpha: 1.0 -> auto" in line, line
+    back = re.search(r"or add (.+) to this command to go on with that one as it began$", line).group(1)
+    assert back == "finetune.wise_ft=false loss.alpha=1.0"
+    again = run_cli([*args, *back.split()], tmp_path, module="mcn.tune")
+    assert again.returncode == 0 and f"nothing to submit: the search in {folder} is finished" in again.stdout
+    other = run_cli([*args, "optim.weight_decay=0.5"], tmp_path, module="mcn.tune")  # another command: the old one
+    assert f"launch that one again as it was: cd {tmp_path} && python -m mcn.tune" in other.stderr, other.stderr

@@ -31,6 +31,7 @@ from mcn.models import MCN, ExpertSpec, ExpertStack, build_expert, build_fusion,
 from mcn.training.config import expert_specs
 from mcn.training.loop import Objective, evaluate
 from mcn.training.runtime import Runtime
+from mcn.training.schema import expert_loss_weight
 
 
 @dataclass
@@ -293,5 +294,5 @@ def evaluate_model(model: nn.Module, checkpoint_dir: str | Path, split: str = "t
     if split not in images:
         raise MCNError(f"--split {split!r}: choose test, val or train")
     forward = runtime.prepare(model)
-    objective = Objective.dual_path(len(model.experts), alpha=1.0, device=runtime.device)
+    objective = Objective.dual_path(len(model.experts), alpha=expert_loss_weight(cfg), device=runtime.device)
     return evaluate(forward, make_batches(images[split], data, cfg, runtime, train=False), objective, runtime)

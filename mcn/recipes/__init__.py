@@ -139,9 +139,8 @@ def _refuse_changed_resume(recipe) -> None:
         config = load_train_state(state)["config"]
     except MCNError:
         return  # unreadable: the epoch loop reports it in its own words, as a failure of this run
-    changes = resume_changes(config, recipe.config)
-    if changes:
-        raise ConfigError(resume_refusal(state, changes))
+    if resume_changes(config, recipe.config):
+        raise ConfigError(resume_refusal(state, config, recipe.config))
 
 
 @contextmanager

@@ -103,7 +103,8 @@ class FusionRecipe:
 
     def __init__(self, cfg: DictConfig, output_dir: str | Path, judge=None):
         """`judge(epoch, val) -> bool`: a search's trial (mcn.search.worker) hears each epoch's validation metrics
-        and may stop the run (pruned); such a run never passes the test set through the model."""
+        (WiSE-FT's mixture's too, as the epoch after the last) and may stop the run (pruned); such a run never passes
+        the test set through the model."""
         self.cfg = absolute_paths(cfg)
         self.judge = judge
         self.reads_test = judge is None
@@ -437,6 +438,8 @@ class FusionRecipe:
         }
         self.report.add({"phase": "val", "epoch": label, **val, "elapsed_s": round(seconds, 2)})
         self.tracker.log({f"val/{k}": v for k, v in val.items()} | {"wise_ft_weight": chosen}, label)
+        if self.judge is not None:  # a search's trial: its value counts the mixture, which can be the run's best
+            self.judge(label, val)  # after the last epoch: nothing left to prune
         selected = val[monitor] > best["val_accuracy"]
         if selected:
             best = {"epoch": label, "val_accuracy": val[monitor]}

@@ -121,11 +121,14 @@ class SearchFolder:
         origin = self.data.get("root")
         return origin if origin and os.path.realpath(origin) != os.path.realpath(self.root) else None
 
+    def launched_with(self, argv: list[str]) -> bool:
+        """Whether `argv` (module, overrides) is the command that launched this search, its folder override aside."""
+        return _without_folder(argv) == _without_folder(self.data["argv"])
+
     @property
     def command(self) -> str:
         """The command that launches the search again into this folder: its workers go on where it stands."""
-        module, *args = self.data["argv"]
-        kept = [a for a in args if not a.lstrip("+~").startswith("hydra.run.dir=")]  # search.name stays: config
+        module, *kept = _without_folder(self.data["argv"])  # search.name stays: config
         folder = shell.hydra_override("hydra.run.dir", self.root.absolute())
         return f"cd {shell.shell_join([self.data['cwd']])} && {shell.command(module, *kept, folder)}"
 
@@ -216,3 +219,7 @@ def make_pruner(settings: dict, epochs: int) -> optuna.pruners.BasePruner:
 def check_settings(settings: dict) -> None:
     """What the schema cannot check of search.*, before anything is written: the space parses (`search_space`)."""
     search_space(settings["params"])
+
+
+def _without_folder(argv: list[str]) -> list[str]:
+    return [a for a in argv if not a.lstrip("+~").startswith("hydra.run.dir=")]

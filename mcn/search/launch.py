@@ -32,7 +32,7 @@ from mcn.schema import check_config
 from mcn.search.folder import FORMAT, RELAUNCH_IGNORES, SearchFolder, Worker, check_settings
 from mcn.search.report import finished, report_once, summary
 from mcn.search.worker import SearchWorker
-from mcn.training.config import config_changes, resolved
+from mcn.training.config import config_changes, resolved, restoring_overrides
 
 SUBMITIT = ".submitit/%j"  # the Slurm workers' job files, under the search folder
 AS_WORKERS = {"noun": "worker", "kind": "search", "retries": "ended workers while trials remain or are lost"}
@@ -63,10 +63,16 @@ def launch(cfg: DictConfig, folder: Path, launcher: dict, rerun_overrides: list[
         search = SearchFolder.open(folder)
         changes = [c for c in config_changes(search.config, config) if not c.startswith(RELAUNCH_IGNORES)]
         if changes:
+            # the same command composing another config: mcn's defaults changed since; the overrides give them back
+            back = restoring_overrides(search.config, config, RELAUNCH_IGNORES)
+            again = (
+                f"add {shell.shell_join(back)} to this command to go on with that one as it began"
+                if back and search.launched_with(["mcn.tune", *sys.argv[1:]])
+                else f"launch that one again as it was: {search.command}"
+            )
             raise ConfigError(
                 f"{folder} holds a search with another config ({'; '.join(changes[:3])}"
-                f"{'; ...' if len(changes) > 3 else ''}); give this one its own search.name=..., or launch that one "
-                f"again as it was: {search.command}"
+                f"{'; ...' if len(changes) > 3 else ''}); give this one its own search.name=..., or {again}"
             )
     search.data.update(
         format=FORMAT,

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcn.errors import ConfigError
 from mcn.models import ExpertSpec
+from mcn.shell import hydra_value, shell_join
 
 # keys that may differ between a run and its resumption without changing what is computed
 RESUME_IGNORES = (
@@ -156,19 +157,52 @@ def with_added_keys(config: dict, current: dict | None = None) -> dict:
     return config
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+ABSENT = "<absent>"  # a key one of two configs lacks
+
+
+def _changed_leaves(old: dict, new: dict, prefix: str = ""):
+    """(dotted key, old value, new value) for every leaf that differs; a side without the key has `ABSENT`."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, ABSENT), new.get(key, ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _changed_leaves(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every leaf that differs between two resolved configs (`old` may be an earlier mcn's:
     `with_added_keys`)."""
-    if not prefix:
-        old = with_added_keys(old, new)
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a} -> {b}")
-    return changes
+    return [f"{key}: {a} -> {b}" for key, a, b in _changed_leaves(with_added_keys(old, new), new)]
+
+
+def restoring_overrides(old: dict, new: dict, ignores: tuple[str, ...]) -> list[str]:
+    """The Hydra overrides that, added to the command that composed `new`, give back `old` (keys in `ignores`
+    aside): `key=<old value>` for each changed scalar. Empty when there is nothing to restore or a change is not a
+    scalar's (a key absent on one side, a list, a block), which no such list of overrides can undo."""
+    changes = [(k, a, b) for k, a, b in _changed_leaves(with_added_keys(old, new), new) if not k.startswith(ignores)]
+    scalar = (bool, int, float, str, type(None))
+    if any(ABSENT in (a, b) or not isinstance(a, scalar) or isinstance(b, (dict, list)) for _, a, b in changes):
+        return []
+    return [f"{key}={hydra_literal(a)}" for key, a, _ in changes]
+
+
+def hydra_literal(value: bool | int | float | str | None) -> str:
+    """A scalar as Hydra's override grammar reads it back with its type: `true`, `null`, `0.001`, and a string that
+    would read as another type (`'1.0'`, `'true'`) quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return repr(value)
+    quoted = hydra_value(value)
+    try:
+        float(value)
+        typed = True
+    except ValueError:
+        typed = value.lower() in ("true", "false", "null")
+    return f"'{value}'" if quoted == value and typed else quoted
 
 
 def resume_changes(old: dict, new: dict) -> list[str]:
@@ -176,11 +210,14 @@ def resume_changes(old: dict, new: dict) -> list[str]:
     return [c for c in config_changes(old, new) if not c.startswith(RESUME_IGNORES)]
 
 
-def resume_refusal(state_path, changes: list[str]) -> str:
-    """The one line refusing to continue a run whose train state `state_path` holds another config (`changes`)."""
+def resume_refusal(state_path, old: dict, new: dict) -> str:
+    """The one line refusing to continue a run whose train state `state_path` holds another config (`old`) than
+    this command's (`new`): what changed, and the ways on (the overrides that give back `old`, where there are)."""
+    back = restoring_overrides(old, new, RESUME_IGNORES)
+    back = f"add {shell_join(back)} to the command to continue as it began, " if back else ""
     return (
-        f"{state_path} was written with another config ({'; '.join(changes)}); set trainer.resume=force "
-        f"to continue with the new values, or trainer.resume=never to start over"
+        f"{state_path} was written with another config ({'; '.join(resume_changes(old, new))}); {back}set "
+        f"trainer.resume=force to continue with the new values, or trainer.resume=never to start over"
     )
 
 

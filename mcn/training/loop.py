@@ -376,7 +376,7 @@ class EpochLoop:
         state = load_train_state(self.state_path)
         changes = resume_changes(state["config"], r.config)
         if changes and self.resume != "force":
-            raise ConfigError(resume_refusal(self.state_path, changes))
+            raise ConfigError(resume_refusal(self.state_path, state["config"], r.config))
         if changes:
             log.warning("resuming with a changed config: %s", "; ".join(changes))
         ran, now = state.get("code"), code_version()  # states written before code versions were kept have none
