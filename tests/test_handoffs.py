@@ -136,6 +136,30 @@ def test_sigterm_before_the_epoch_loop_ends_in_one_line_and_state_interrupted(tm
     assert read_status(run_dir / "run_status.json")["state"] == "interrupted"
 
 
+def test_sigterm_where_code_catches_every_exception_still_ends_the_run(tmp_path):
+    """The handler raises wherever the main thread is: inside a logging handler's `emit` (`except Exception:
+    handleError`) or any library's `except Exception`, an Exception would be swallowed and the run would go on."""
+    from mcn.errors import RunInterrupted
+    from mcn.files import RunStatus
+    from mcn.recipes import _terminate_in_one_line
+
+    status = RunStatus(tmp_path / "run_status.json")
+    status.started(stage="fusion", fusion_type="concatenation")
+    default = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # where SIGTERM would kill: the handler goes in
+    try:
+        with pytest.raises(RunInterrupted) as stopped, _terminate_in_one_line(status):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs here at the latest
+            except Exception:  # as logging.Handler.emit does
+                pass
+            pytest.fail("SIGTERM was swallowed: the run went on")
+    finally:
+        signal.signal(signal.SIGTERM, default)
+    assert stopped.value.exit_status == 128 + signal.SIGTERM and "SIGTERM outside the epoch loop" in str(stopped.value)
+    assert read_status(tmp_path / "run_status.json")["state"] == "interrupted"
+
+
 def test_a_local_sweep_hint_pastes_and_a_moved_sweep_is_refused_in_one_line(tmp_path):
     sweep = tmp_path / WEIRD
     args = [

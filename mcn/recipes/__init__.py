@@ -156,15 +156,23 @@ def _terminate_in_one_line(status: RunStatus):
         return
 
     def terminated(signum, frame):
-        resume = shell.rerun_command()
-        why = "SIGTERM outside the epoch loop (setup, or the final test)"
-        status.interrupted(why)
-        error = RunInterrupted(f"stopped by {why}; " + (f"continue with: {resume}" if resume else "run it again"))
-        error.exit_status = 128 + signum
-        raise error
+        raise _Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
+    except _Terminated as stop:
+        resume = shell.rerun_command()
+        why = "SIGTERM outside the epoch loop (setup, or the final test)"
+        status.interrupted(why)
+        error = RunInterrupted(f"stopped by {why}; " + (f"continue with: {resume}" if resume else "run it again"))
+        error.exit_status = 128 + stop.args[0]
+        raise error from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the epoch loop, on its way out: a BaseException, as KeyboardInterrupt is, because the
+    handler raises it wherever the main thread is, and an `except Exception` there (a logging handler's `emit`, a
+    library's) would swallow an Exception and let the run go on."""
