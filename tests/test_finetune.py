@@ -4,13 +4,14 @@ epoch 0 and the last epoch (saved, reconstructed, resumed), and early stopping c
 epoch."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 import mcn.recipes.fusion as fusion_recipe
 import mcn.training.loop as loop
-from mcn.errors import ConfigError
+from mcn.errors import CheckpointError, ConfigError
 from mcn.evaluation import components
 from mcn.files import FusionResults, FusionRunFiles, load_checkpoint, load_train_state, read_csv
 from mcn.models import MCN, create_expert, create_fusion
@@ -201,6 +202,50 @@ def test_a_run_interrupted_in_the_wise_ft_grid_resumes_without_redoing_what_was_
     resumed = run(cfg, str(tmp_path / "job"))
     assert (fits, epochs, len(measured)) == ([], [], 2)
     assert resumed["wise_ft"] == wise[2]["wise_ft"]  # what the same run uninterrupted gives
+
+
+def test_a_run_going_on_after_its_wise_ft_mixture_won_tests_the_epoch_it_names(tmp_path, experts_dir, monkeypatch):
+    """trainer.resume=force with more epochs, after the mixture had replaced the loop's best: the mixture of the old
+    end is taken back (its epoch number is trained now), so the model tested, saved as best and on the card is the
+    epoch the results name."""
+    real_recipe, real_loop = fusion_recipe.evaluate, loop.evaluate
+
+    def scored(real, accuracies):  # each call's global accuracy taken from `accuracies` (None: as measured)
+        def evaluate(*args, **kwargs):
+            metrics, accuracy = real(*args, **kwargs), accuracies.pop(0)
+            return metrics if accuracy is None else metrics | {"global_accuracy": accuracy}
+
+        return evaluate
+
+    job, files = tmp_path / "job", FusionRunFiles(tmp_path / "job", "concatenation")
+    once = [*PROBE[:-1], *WISE, "trainer.save_every=10", f"experts.dir={experts_dir}"]
+    # epoch 1 is the loop's best and, with save_every=10, has no files of its own; the mixture (epoch 3) beats it
+    monkeypatch.setattr(loop, "evaluate", scored(real_loop, [0.99, 0.0]))
+    monkeypatch.setattr(fusion_recipe, "evaluate", scored(real_recipe, [None, 1.0, 1.0, 1.0]))
+    first = run(compose_cfg(tmp_path, [*once, "trainer.epochs=2"]), str(job))
+    assert first["best_epoch"] == 3 and first["wise_ft"]["selected"]
+    assert load_checkpoint(files.complete(1), component="complete")["epoch"] == 1  # kept when the mixture won
+    # without the loop's best on disk the run cannot go on from it: one line, naming the file
+    shutil.copytree(job, tmp_path / "lost")
+    FusionRunFiles(tmp_path / "lost", "concatenation").complete(1).unlink()
+    with pytest.raises(
+        CheckpointError, match=r"complete_fusion_concatenation_epoch_1\.pth is missing: .*trainer\.resume=never"
+    ):
+        run(compose_cfg(tmp_path, [*once, "trainer.epochs=4", "trainer.resume=force"]), str(tmp_path / "lost"))
+    # two more epochs and a new mixture, none of them better than epoch 1
+    monkeypatch.setattr(loop, "evaluate", scored(real_loop, [0.0, 0.0]))
+    monkeypatch.setattr(fusion_recipe, "evaluate", scored(real_recipe, [0.0, 0.0, 0.0]))
+    more = run(compose_cfg(tmp_path, [*once, "trainer.epochs=4", "trainer.resume=force"]), str(job))
+    assert more["best_epoch"] == 1 and not more["wise_ft"]["selected"]
+    best = load_checkpoint(files.complete(), component="complete")
+    assert best["epoch"] == 1 and "wise_ft" not in best
+    assert not files.global_head(3).exists() and not files.complete(3).exists()  # the old mixture's files are gone
+    monkeypatch.setattr(fusion_recipe, "evaluate", real_recipe)
+    monkeypatch.setattr(loop, "evaluate", real_loop)
+    tested = components.evaluate_model(components.load_complete(job), job)
+    assert tested["global_accuracy"] == more["test_accuracy"]
+    card = json.loads((job / "MODEL_CARD_concatenation.json").read_text())
+    assert (card["best_epoch"], card["chosen_model"]) == (1, "training epoch 1")
 
 
 def test_early_stopping_can_count_from_the_best_fine_tuning_epoch(tmp_path, experts_dir, monkeypatch):

@@ -62,6 +62,7 @@ from mcn.files import (
     load_weights,
     pretrained_expert_path,
     save_component,
+    write_bytes,
     write_json,
 )
 from mcn.files.code import code_version
@@ -357,6 +358,7 @@ class FusionRecipe:
                 torch.manual_seed(self.head_seed)
                 self.raw_model.reset_expert_heads()
             log.info("model.new_expert_heads=true: every expert's own head starts anew over all classes")
+        self._take_back_the_saved_mixture()
         loop = EpochLoop.from_config(self, self.cfg.trainer.epochs, self.cfg.trainer, judge=self.judge)
         best, epochs_run, seconds = loop.run()
         if self.wise_ft_on and not loop.pruned:
@@ -441,6 +443,12 @@ class FusionRecipe:
         if self.judge is not None:  # a search's trial: its value counts the mixture, which can be the run's best
             self.judge(label, val)  # after the last epoch: nothing left to prune
         selected = val[monitor] > best["val_accuracy"]
+        if selected and not self.files.complete(best["epoch"]).exists():
+            # the loop's best is about to be replaced as the best: kept under its epoch, so a run that goes on after
+            # this one (trainer.resume=force, more epochs) can take the mixture back (_take_back_the_saved_mixture)
+            write_bytes(self.files.complete(best["epoch"]), self.files.complete().read_bytes())
+        saved = {"saved_as": label, "best_before": best["epoch"] if selected else None}
+        write_json(self.files.wise_ft, record | saved)  # before the files: a death in between leaves them undoable
         if selected:
             best = {"epoch": label, "val_accuracy": val[monitor]}
             self.save_best(label, val)
@@ -472,6 +480,34 @@ class FusionRecipe:
             **probe,
             **self._wise_ft_field(epoch),
         )
+
+    def _take_back_the_saved_mixture(self) -> None:
+        """A run that goes on after its WiSE-FT mixture was saved (trainer.resume=force with more epochs, or a rerun
+        after a death in the final test) takes the mixture back before the loop: the best model returns to the loop's
+        best epoch, the one its train state names, and the mixture's epoch files go, since the loop may now train an
+        epoch of that number. WiSE-FT then runs again after the loop, between epoch 0 and its new last epoch (with
+        the same last epoch, from the weights already measured). CheckpointError when the loop's best is missing."""
+        try:
+            record = json.loads(self.files.wise_ft.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(record, dict) or record.get("saved_as") is None:
+            return
+        files, label, before = self.files, record["saved_as"], record.get("best_before")
+        if before is not None:
+            if not files.complete(before).exists():
+                raise CheckpointError(
+                    f"{files.complete(before)} is missing: it holds epoch {before}, the best before WiSE-FT's mixture "
+                    f"in {files.complete()}, which this run goes on from; restore it, or start over with "
+                    f"trainer.resume=never"
+                )
+            write_bytes(files.complete(), files.complete(before).read_bytes())
+        experts = [files.expert(i, label) for i in range(self.raw_model.num_experts)]
+        if distributed.is_main():
+            for path in [*experts, files.fusion(label), files.global_head(label), files.complete(label)]:
+                path.unlink(missing_ok=True)
+        write_json(files.wise_ft, {"between_epochs": record["between_epochs"], "measured": record["measured"]})
+        log.info("WiSE-FT's mixture saved as epoch %d is taken back: the run goes on from the loop's best", label)
 
     def _wise_ft_record(self, last: int) -> dict:
         """The WiSE-FT weights already measured between epochs 0 and `last` (a resumed run's); none when the file is
