@@ -200,6 +200,24 @@ def test_the_summary_is_one_value_without_a_step_and_the_run_ends_finished(track
         assert (store / "mlflow.db").is_file()
 
 
+def test_a_tensorboard_start_right_after_another_reads_after_it(tmp_path):
+    """TensorBoard reads event files in name order, a name beginning with the second it was opened: a start whose file
+    sorted before an earlier start's (same second, lower pid) would have its steps purged by the earlier file's."""
+    cfg, root = compose_cfg(tmp_path, ["logger=tensorboard"]), tmp_path / "run"
+    first = RunTracker(cfg, RunFolder(root), "unit")
+    first.log({"val/accuracy": 0.5}, 1)
+    first.finish()
+    # the earlier start's file, as a killed process of a higher pid leaves it, a second ahead (another node's clock)
+    [earlier] = (root / "tensorboard").iterdir()
+    later_second = f"events.out.tfevents.{int(time.time()) + 1:010d}.node.99999999.0"
+    earlier.rename(earlier.with_name(later_second))
+    second = RunTracker(cfg, RunFolder(root), "unit")
+    second.log({"val/accuracy": 0.75}, 2)
+    second.finish()
+    assert sorted((root / "tensorboard").iterdir())[0].name == later_second
+    assert history("tensorboard", root, "", "val/accuracy") == [(1, 0.5), (2, 0.75)]
+
+
 def test_an_unknown_tracker_is_refused_in_one_line(tmp_path):
     cfg = compose_cfg(tmp_path, ["logger=csv", "logger.name=tensorbord"])
     with pytest.raises(ConfigError) as refused:

@@ -8,7 +8,8 @@ tracked run:
   (`offline-run-<time>-<id>`), all with the run's id, kept in `<run>/wandb_run_id.txt`. `wandb sync` given all of
   them uploads them as one run (wandb >= 0.28.1: the folders of one id are replayed in order of their start, each
   one continuing the history the run has), so the line a start prints names them all (but a killed start's).
-- `tensorboard`: event files in `<run>/tensorboard/`, one more per start, read by TensorBoard as one run. A start
+- `tensorboard`: event files in `<run>/tensorboard/`, one more per start, read by TensorBoard as one run, in the
+  order of their names (a start opens its file after the second of every earlier one's, so the order is theirs). A start
   marks its first step as a restart (`purge_step`), so TensorBoard hides what an earlier start logged at or after
   it: an epoch sent again is shown once.
 - `mlflow`: one MLflow run in `logger.tracking_uri` (by default a SQLite file, `<paths.output_root>/mlflow.db`:
@@ -40,6 +41,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shlex
 import time
 import uuid
@@ -203,6 +205,9 @@ def offline_hint(sync_dir: Path, ended: list[Path], run_id: str) -> str:
     )
 
 
+EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")  # an event file; group 1: the second it was opened
+
+
 class TensorBoardTracker:
     def __init__(self, cfg: DictConfig, files: RunFolder, name: str):
         self.dir, self.writer = (files.root / "tensorboard").resolve(), None
@@ -214,10 +219,23 @@ class TensorBoardTracker:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            self._wait_to_sort_last()
             self.writer = SummaryWriter(str(self.dir), purge_step=purge_step)
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()  # every epoch on disk as it ends: a kill loses none, a live TensorBoard shows it
+
+    def _wait_to_sort_last(self, longest: float = 5.0) -> None:
+        """TensorBoard reads a run's event files in name order, and a name begins with the second its file was opened
+        (`events.out.tfevents.<seconds>.<host>.<pid>.<n>`). A start opening its file in the same second as an earlier
+        start's (a resume right after a kill) can sort before it, by host or pid; the earlier file's steps, read last,
+        then purge this start's. So a start waits, `longest` seconds at most (clocks of two nodes may disagree), until
+        its second is past every earlier file's."""
+        opened = [EVENT_FILE.match(p.name) for p in self.dir.glob("events.out.tfevents.*")]
+        seconds = [int(m[1]) for m in opened if m]
+        deadline = time.time() + longest
+        while seconds and time.time() < min(max(seconds) + 1, deadline):
+            time.sleep(0.05)
 
     def log(self, metrics: dict, step: int) -> None:
         self._write(metrics, step, purge_step=step)
