@@ -28,6 +28,24 @@ def hydra_override(key: str, value: str | Path) -> str:
     return f"{key}={hydra_value(value)}"
 
 
+def hydra_literal(value: bool | int | float | str | None) -> str:
+    """A scalar as Hydra's override grammar reads it back with its type: `true`, `null`, `0.001`, and a string that
+    would read as another type (`'1.0'`, `'true'`) quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return repr(value)
+    quoted = hydra_value(value)
+    try:
+        float(value)
+        typed = True
+    except ValueError:
+        typed = value.lower() in ("true", "false", "null")
+    return f"'{value}'" if quoted == value and typed else quoted
+
+
 def command(module: str, *args: str | Path) -> str:
     """`python -m <module> args...`, each argument quoted for the shell (a Hydra override: quote its value with
     `hydra_override` first)."""

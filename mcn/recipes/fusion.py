@@ -502,8 +502,8 @@ class FusionRecipe:
                     f"trainer.resume=never"
                 )
             write_bytes(files.complete(), files.complete(before).read_bytes())
-        experts = [files.expert(i, label) for i in range(self.raw_model.num_experts)]
         if distributed.is_main():
+            experts = [files.expert(i, label) for i in range(self.raw_model.num_experts)]
             for path in [*experts, files.fusion(label), files.global_head(label), files.complete(label)]:
                 path.unlink(missing_ok=True)
         write_json(files.wise_ft, {"between_epochs": record["between_epochs"], "measured": record["measured"]})

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcn.errors import ConfigError
 from mcn.models import ExpertSpec
-from mcn.shell import hydra_value, shell_join
+from mcn.shell import hydra_literal, shell_join
 
 # keys that may differ between a run and its resumption without changing what is computed
 RESUME_IGNORES = (
@@ -185,24 +185,6 @@ def restoring_overrides(old: dict, new: dict, ignores: tuple[str, ...]) -> list[
     if any(ABSENT in (a, b) or not isinstance(a, scalar) or isinstance(b, (dict, list)) for _, a, b in changes):
         return []
     return [f"{key}={hydra_literal(a)}" for key, a, _ in changes]
-
-
-def hydra_literal(value: bool | int | float | str | None) -> str:
-    """A scalar as Hydra's override grammar reads it back with its type: `true`, `null`, `0.001`, and a string that
-    would read as another type (`'1.0'`, `'true'`) quoted."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, int | float):
-        return repr(value)
-    quoted = hydra_value(value)
-    try:
-        float(value)
-        typed = True
-    except ValueError:
-        typed = value.lower() in ("true", "false", "null")
-    return f"'{value}'" if quoted == value and typed else quoted
 
 
 def resume_changes(old: dict, new: dict) -> list[str]:
